@@ -1,0 +1,129 @@
+"""load_backbone: a Hugging Face model and tokenizer from a local folder, in the attention mode asked for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from bidirlm_pl import attention
+from bidirlm_pl.errors import BidirLMError, require
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "gemma3_text", "gemma3", "llama")
+BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEADS = ("base", "causal_lm")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters (peft) on the chosen modules; merged into the weights on export."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A local model folder, or the name of an offline asset (``gemma3-270m``)."""
+    from bidirlm_pl import assets
+
+    if str(name_or_path) in assets.ASSETS:
+        return assets.ASSETS[str(name_or_path)]()
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise BidirLMError(
+            f"model path '{name_or_path}' does not exist; expected a local folder with config.json "
+            f"or one of the offline assets {sorted(assets.ASSETS)} (this tool never downloads from a hub)"
+        )
+    if not (path / "config.json").exists():
+        raise BidirLMError(f"model folder '{path}' has no config.json; expected a Hugging Face model folder")
+    return path
+
+
+def resolve_backend(attn_implementation: str) -> str:
+    """Validate a backend name; map flash_attention_2 to our packed varlen backend."""
+    if attn_implementation.startswith(attention.VARLEN_PREFIX):
+        return attn_implementation
+    if attn_implementation not in BACKENDS:
+        raise BidirLMError(f"attn_implementation '{attn_implementation}' is not one of {list(BACKENDS)}")
+    if attn_implementation == attention.FLASH_BACKEND:
+        if not torch.cuda.is_available():
+            require("flash_attn", "flash", "attn_implementation 'flash_attention_2'")
+            raise BidirLMError("attn_implementation 'flash_attention_2' needs a CUDA GPU; use 'sdpa' on CPU")
+        return attention.flash_backend()
+    return attn_implementation
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise BidirLMError(f"dtype '{dtype}' is not one of {list(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_backbone(
+    name_or_path: str | Path,
+    *,
+    attn_implementation: str = "sdpa",
+    dtype: str | torch.dtype = "float32",
+    bidirectional: bool = True,
+    head: str = "causal_lm",
+    lora: LoraSpec | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a Qwen3, Gemma3 or Llama checkpoint from a local folder; return ``(model, tokenizer)``.
+
+    ``head="causal_lm"`` keeps the output layer (MNTP, generation); ``"base"`` loads the bare
+    decoder (embeddings). ``bidirectional`` sets the default attention mode; any call can still
+    override it with ``model(..., is_causal=...)``.
+
+    >>> model, tok = load_backbone("gemma3-270m", bidirectional=True)  # doctest: +SKIP
+    """
+    path = resolve_model_path(name_or_path)
+    if head not in HEADS:
+        raise BidirLMError(f"head '{head}' is not one of {list(HEADS)}")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise BidirLMError(
+            f"architecture '{config.model_type}' in '{path}' is not supported; expected one of "
+            f"{list(SUPPORTED_MODEL_TYPES)}"
+        )
+    backend = resolve_backend(attn_implementation)
+    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModel
+    model = auto.from_pretrained(
+        path, dtype=resolve_dtype(dtype), attn_implementation=backend, trust_remote_code=trust_remote_code
+    )
+    attention.set_bidirectional(model, bidirectional)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if lora is not None:
+        model = apply_lora(model, lora)
+    return model, tokenizer
+
+
+def apply_lora(model, lora: LoraSpec):
+    peft = require("peft", "dev", "LoRA")
+    config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
+    return peft.get_peft_model(model, config)
+
+
+def unwrap(model):
+    """The plain transformers model: merges LoRA adapters into a copy-free base when present."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def decoder_of(model):
+    """The bare decoder (``...Model``) of a causal LM or of itself."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model

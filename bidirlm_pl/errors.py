@@ -1,0 +1,25 @@
+"""User-facing errors: each prints as one line naming the bad value and what was expected."""
+
+
+class BidirLMError(ValueError):
+    """A user mistake (bad path, value or config). The CLI prints it as one line and exits 2."""
+
+
+class MissingExtraError(BidirLMError, ImportError):
+    """An optional dependency group is not installed."""
+
+    def __init__(self, package: str, extra: str, purpose: str):
+        super().__init__(
+            f"{purpose} needs the package '{package}', which is not installed; "
+            f"install it with: pip install 'bidirlm-pl[{extra}]'"
+        )
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import an optional module or raise a one-line MissingExtraError."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(module.split(".")[0], extra, purpose) from None
