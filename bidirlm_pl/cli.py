@@ -1,0 +1,95 @@
+"""The ``bidirlm`` command: LightningCLI for fit/validate/test/predict, plus tool subcommands.
+
+Tool subcommands live in their own modules, each exposing ``add_arguments(parser)`` and
+``main(args)``; register one by adding a line to ``TOOLS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from bidirlm_pl.errors import BidirLMError
+
+LIGHTNING_SUBCOMMANDS = {
+    "fit": "train a stage from a YAML config (LightningCLI)",
+    "validate": "run a stage's validation loop",
+    "test": "run a stage's test loop",
+    "predict": "run a stage's predict loop",
+}
+
+# name -> (module, one-line help)
+TOOLS: dict[str, tuple[str, str]] = {
+    "assets": ("bidirlm_pl.assets_cli", "prepare offline assets (real Gemma3-270M, tiny test models); print paths"),
+}
+
+
+def _lightning_cli(argv: list[str] | None):
+    from lightning.pytorch.cli import LightningCLI
+
+    import lightning as L
+    from bidirlm_pl.stages.base import BackboneStage
+
+    class BidirLMCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            # every DataModule takes the tokenizer of the model it feeds
+            parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
+
+    return BidirLMCLI(
+        BackboneStage,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        trainer_defaults={
+            "logger": [
+                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+                {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+            ],
+        },
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bidirlm",
+        description="Turn causal decoder LLMs into bidirectional encoders (PyTorch Lightning).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in LIGHTNING_SUBCOMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    for name, (module, text) in TOOLS.items():
+        tool = sub.add_parser(name, help=text, description=text)
+        importlib.import_module(module).add_arguments(tool)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+            _lightning_cli(None if from_command_line else argv)
+            return 0
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return 0
+        args = parser.parse_args(argv)
+        module = importlib.import_module(TOOLS[args.command][0])
+        return int(module.main(args) or 0)
+    except BidirLMError as err:
+        print(f"bidirlm: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"bidirlm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The shared LightningModule of every adaptation stage: backbone, trainable groups, optimizer, schedule, export.
+
+A stage differs from its siblings by its data and its loss: subclasses implement ``step(batch)``
+returning a dict of scalars with a ``loss`` key, and may override ``build_model`` (UBMoE, merge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from bidirlm_pl import attention
+from bidirlm_pl.backbone import LoraSpec, load_backbone, resolve_dtype
+from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.export import save_hf_folder
+from bidirlm_pl.trainable import apply_trainable
+
+SCHEDULES = ("constant", "linear", "cosine", "wsd")
+
+
+@dataclass
+class Schedule:
+    """Learning-rate schedule: linear warmup, then constant, linear or cosine decay, or warmup-stable-decay.
+
+    ``warmup`` and ``decay`` are fractions of the total optimizer steps when below 1, else step counts.
+    """
+
+    name: str = "constant"
+    warmup: float = 0.0
+    decay: float = 0.1
+    min_lr_ratio: float = 0.0
+
+    def build(self, optimizer: torch.optim.Optimizer, total_steps: int):
+        from transformers import get_scheduler
+
+        if self.name not in SCHEDULES:
+            raise BidirLMError(f"schedule '{self.name}' is not one of {list(SCHEDULES)}")
+        steps = lambda x: int(x * total_steps) if x < 1 else int(x)  # noqa: E731
+        warmup = steps(self.warmup)
+        if self.name == "wsd":
+            return get_scheduler(
+                "warmup_stable_decay", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                scheduler_specific_kwargs={"num_decay_steps": max(1, steps(self.decay)),
+                                           "min_lr_ratio": self.min_lr_ratio},
+            )
+        if self.name == "cosine" and self.min_lr_ratio > 0:
+            return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup,
+                                 num_training_steps=total_steps,
+                                 scheduler_specific_kwargs={"min_lr_rate": self.min_lr_ratio})
+        name = "constant_with_warmup" if self.name == "constant" else self.name
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def default_optimizer(params):
+    """AdamW as the BidirLM authors ran MNTP (lr 1e-4, wd 0.1, betas 0.9/0.95, eps 1e-5)."""
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-5)
+
+
+def _check_model_reference(model: str) -> None:
+    """Fail at config time, before any training, on a model that is neither a folder nor an asset."""
+    from bidirlm_pl import assets
+
+    if model not in assets.ASSETS and not Path(model).expanduser().is_dir():
+        raise BidirLMError(
+            f"model '{model}' is neither a local model folder nor an offline asset {sorted(assets.ASSETS)}"
+        )
+
+
+class BackboneStage(L.LightningModule):
+    """Shared system for adaptation stages.
+
+    Args:
+        model: local HF folder or offline asset name (``gemma3-270m``, ``tiny-qwen3``...).
+        attn_implementation: eager, sdpa, flex_attention or flash_attention_2.
+        dtype: weights dtype at load (use the trainer's ``precision`` for mixed precision).
+        bidirectional: default attention mode of the backbone.
+        head: ``causal_lm`` keeps the output layer, ``base`` loads the bare decoder.
+        trainable: module groups that train (see ``bidirlm_pl.trainable.GROUPS``).
+        lora: LoRA adapters (then ``trainable`` defaults to the adapters only).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        optimizer: a callable from the config, e.g. ``class_path: torch.optim.AdamW``.
+        schedule: learning-rate schedule.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        attn_implementation: str = "sdpa",
+        dtype: str = "float32",
+        bidirectional: bool = True,
+        head: str = "causal_lm",
+        trainable: list[str] | None = None,
+        lora: LoraSpec | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        schedule: Schedule | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        _check_model_reference(model)
+        self.model_path = model
+        self.attn_implementation = attn_implementation
+        self.dtype_name = dtype
+        resolve_dtype(dtype)
+        self.bidirectional = bidirectional
+        self.head = head
+        self.trainable = list(trainable) if trainable else (["lora"] if lora else ["all"])
+        self.lora = lora
+        self.gradient_checkpointing = gradient_checkpointing
+        self.optimizer_factory = optimizer
+        self.schedule = schedule or Schedule()
+        self.backbone = None
+        self.tokenizer = None
+
+    # ------------------------------------------------------------------ model
+    def build_model(self):
+        """Return ``(model, tokenizer)``. Override to wrap or convert the backbone (UBMoE, merges)."""
+        return load_backbone(
+            self.model_path, attn_implementation=self.attn_implementation, dtype=self.dtype_name,
+            bidirectional=self.bidirectional, head=self.head, lora=self.lora,
+        )
+
+    def configure_model(self):
+        if self.backbone is not None:
+            return
+        self.backbone, self.tokenizer = self.build_model()
+        self.trainable_counts = apply_trainable(self.backbone, self.trainable)
+        if self.gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def model_kwargs(self, batch: dict, *, bidirectional: bool | None = None) -> dict:
+        """Keyword arguments for the backbone call: ids, positions, and the packing-aware mask."""
+        bidirectional = self.bidirectional if bidirectional is None else bidirectional
+        kwargs = {"input_ids": batch["input_ids"]}
+        if batch.get("position_ids") is not None:
+            kwargs["position_ids"] = batch["position_ids"]
+        dtype = next(self.backbone.parameters()).dtype
+        kwargs.update(attention.model_inputs(
+            self.backbone.config, seq_ids_BT=batch.get("seq_ids"), attention_mask_BT=batch.get("attention_mask"),
+            bidirectional=bidirectional, dtype=dtype,
+        ))
+        return kwargs
+
+    def hidden_states(self, batch: dict, *, bidirectional: bool | None = None) -> torch.Tensor:
+        """Last hidden states (B, T, D) of the decoder, before any output layer."""
+        decoder = self.backbone.get_decoder() if hasattr(self.backbone, "get_decoder") else self.backbone
+        return decoder(**self.model_kwargs(batch, bidirectional=bidirectional)).last_hidden_state
+
+    # ------------------------------------------------------------------ steps
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("a stage implements step(batch) -> {'loss': ..., other scalars}")
+
+    def batch_size_of(self, batch: dict) -> int:
+        return int(batch["input_ids"].shape[0])
+
+    def training_step(self, batch, batch_idx):
+        out = self.step(batch)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True,
+                      batch_size=self.batch_size_of(batch))
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        out = self.step(batch)
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, sync_dist=True,
+                      batch_size=self.batch_size_of(batch))
+        return out["loss"]
+
+    def test_step(self, batch, batch_idx):
+        out = self.step(batch)
+        self.log_dict({f"test/{k}": v for k, v in out.items()}, sync_dist=True,
+                      batch_size=self.batch_size_of(batch))
+        return out["loss"]
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise BidirLMError("this stage has no trainable parameter; check 'trainable' in the config")
+        optimizer = self.optimizer_factory(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        scheduler = self.schedule.build(optimizer, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ export
+    def export_extra(self, folder: Path) -> None:
+        """Hook: add files to an export folder before it is renamed into place (pooling config...)."""
+
+    def export_hf(self, target: str | Path, *, overwrite: bool = True) -> Path:
+        """Write the trained backbone (LoRA merged) and tokenizer as a plain HF folder, atomically."""
+        return save_hf_folder(self.backbone, self.tokenizer, target, overwrite=overwrite, extra=self.export_extra)

