@@ -1,0 +1,17 @@
+"""Data: text sources, weighted resumable mixture, packing, MNTP masking, the text DataModule.
+
+Public API reused by other stages (contrastive SimCSE, UBMoE causal LM):
+
+* :func:`bidirlm_pl.data.sources.load_texts` / :class:`SourceSpec` / :func:`open_source`
+* :class:`bidirlm_pl.data.mixture.Mixture`
+* :func:`bidirlm_pl.data.packing.pack_documents`, :func:`pack_batches`, :func:`collate_rows`
+"""
+
+from bidirlm_pl.data.mixture import Mixture
+from bidirlm_pl.data.packing import PackedRow, Packer, collate_rows, pack_batches, pack_documents
+from bidirlm_pl.data.sources import SourceSpec, TextSource, load_texts, open_source
+
+__all__ = [
+    "Mixture", "PackedRow", "Packer", "collate_rows", "pack_batches", "pack_documents",
+    "SourceSpec", "TextSource", "load_texts", "open_source",
+]

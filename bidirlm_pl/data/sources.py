@@ -1,0 +1,259 @@
+"""Text sources: local .txt / JSONL / parquet files, Hugging Face ``datasets`` (saved, local, streaming), Lee.
+
+A :class:`SourceSpec` names where documents come from; :func:`open_source` turns it into a
+:class:`TextSource` that either supports random access (in-memory lists, ``datasets.Dataset``) or
+only iteration (streaming). :func:`load_texts` is the simple public entry point: an iterable of
+document strings, empty and whitespace-only documents skipped.
+
+>>> from bidirlm_pl.data.sources import SourceSpec, load_texts
+>>> texts = list(load_texts(SourceSpec(name="news", kind="lee")))
+>>> len(texts)
+300
+
+Kinds (``kind="auto"`` infers one from ``path``):
+
+* ``text``: a .txt file (or a folder / glob of them); ``text_unit`` = ``line`` (one document per
+  line, the default), ``paragraph`` (blank-line separated) or ``file``.
+* ``jsonl`` / ``parquet``: local files read with ``datasets`` (``text_field`` picks the column).
+* ``disk``: a folder written by ``datasets.Dataset.save_pretrained`` / ``save_to_disk``
+  (``load_from_disk``; a ``DatasetDict`` takes ``split``).
+* ``hf``: ``datasets.load_dataset(dataset, name=config, split=split, data_files=..., streaming=...)``;
+  ``dataset`` is a local folder or builder name (``json``, ``parquet``, ``text``, ``csv``) or a hub id
+  already in the local cache (this project never downloads; set ``HF_HUB_OFFLINE=1``).
+* ``lee`` / ``lee_documents``: the Lee news corpus shipped in the gensim wheel (300 / 50 documents).
+
+``streaming: true`` (jsonl, parquet, hf) reads documents lazily; such a source only supports
+iteration, so the mixture resumes it by skipping the documents it has already consumed.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from bidirlm_pl.errors import BidirLMError
+
+KINDS = ("auto", "text", "jsonl", "parquet", "disk", "hf", "lee", "lee_documents")
+TEXT_UNITS = ("line", "paragraph", "file")
+_SUFFIX_KIND = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass
+class SourceSpec:
+    """One named source of documents in a mixture.
+
+    Args:
+        name: a short name used in logs (realised proportions) and errors.
+        kind: one of ``auto, text, jsonl, parquet, disk, hf, lee, lee_documents``.
+        path: a file, folder or glob (text/jsonl/parquet/disk).
+        dataset: for ``kind: hf``, the first argument of ``datasets.load_dataset``.
+        config: for ``kind: hf``, the dataset configuration name.
+        data_files: for ``kind: hf``, ``data_files`` passed to ``load_dataset``.
+        weight: sampling weight in the mixture (normalised over all sources; must be >= 0).
+        text_field: the column/key holding the text (jsonl, parquet, disk, hf).
+        split: the split to read (disk with a DatasetDict, hf).
+        streaming: read lazily (jsonl, parquet, hf).
+        text_unit: for ``kind: text``: ``line``, ``paragraph`` or ``file``.
+    """
+
+    name: str
+    kind: str = "auto"
+    path: str | None = None
+    dataset: str | None = None
+    config: str | None = None
+    data_files: list[str] | None = None
+    weight: float = 1.0
+    text_field: str = "text"
+    split: str = "train"
+    streaming: bool = False
+    text_unit: str = "line"
+
+
+@dataclass
+class TextSource:
+    """An opened source: ``docs`` supports ``len`` and indexing, or ``iterate`` yields documents lazily.
+
+    Documents are raw strings; empty ones are filtered by the consumers (:func:`load_texts`, the mixture).
+    """
+
+    spec: SourceSpec
+    docs: Sequence[str] | None = None
+    iterate: Callable[[], Iterator[str]] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def random_access(self) -> bool:
+        return self.docs is not None
+
+    def __iter__(self) -> Iterator[str]:
+        if self.docs is not None:
+            return (self.docs[i] for i in range(len(self.docs)))
+        return self.iterate()
+
+
+class _Column(Sequence):
+    """Lazy random access to one text column of a ``datasets.Dataset`` (no full copy into Python)."""
+
+    def __init__(self, dataset, field_name: str):
+        self.dataset, self.field_name = dataset, field_name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return _as_text(self.dataset[int(i)][self.field_name])
+
+
+def _as_text(value) -> str:
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def resolve_kind(spec: SourceSpec) -> str:
+    """The concrete kind of a spec (``auto`` inferred from the path), or a one-line error."""
+    if spec.kind not in KINDS:
+        raise BidirLMError(f"source '{spec.name}': kind '{spec.kind}' is not one of {list(KINDS)}")
+    if spec.kind != "auto":
+        return spec.kind
+    if spec.dataset is not None:
+        return "hf"
+    if spec.path is None:
+        raise BidirLMError(f"source '{spec.name}' has neither 'path' nor 'dataset'; set one (or kind: lee)")
+    path = Path(spec.path).expanduser()
+    if path.is_dir():
+        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            return "disk"
+        files = sorted(p for p in path.iterdir() if p.suffix in _SUFFIX_KIND)
+        if files:
+            return _SUFFIX_KIND[files[0].suffix]
+        raise BidirLMError(
+            f"source '{spec.name}': folder '{spec.path}' holds no .txt/.jsonl/.parquet files and is not a "
+            "saved datasets folder"
+        )
+    suffix = Path(spec.path.replace("*", "x")).suffix
+    if suffix not in _SUFFIX_KIND:
+        raise BidirLMError(
+            f"source '{spec.name}': cannot infer the kind of '{spec.path}'; expected a suffix in "
+            f"{sorted(_SUFFIX_KIND)} or an explicit kind"
+        )
+    return _SUFFIX_KIND[suffix]
+
+
+def _files(spec: SourceSpec, kind: str) -> list[str]:
+    if spec.path is None:
+        raise BidirLMError(f"source '{spec.name}' (kind {kind}) needs 'path'")
+    path = Path(spec.path).expanduser()
+    if path.is_dir():
+        suffixes = [s for s, k in _SUFFIX_KIND.items() if k == kind]
+        files = sorted(str(p) for p in path.iterdir() if p.suffix in suffixes)
+    elif any(c in spec.path for c in "*?["):
+        files = sorted(glob.glob(str(path)))
+    else:
+        files = [str(path)] if path.is_file() else []
+    if not files:
+        raise BidirLMError(f"source '{spec.name}': path '{spec.path}' does not exist or matches no {kind} file")
+    return files
+
+
+def _read_text_file(path: str, unit: str) -> list[str]:
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if unit == "file":
+        return [text]
+    if unit == "paragraph":
+        import re
+
+        return [p.strip() for p in re.split(r"\n\s*\n", text)]
+    return [line.strip() for line in text.splitlines()]
+
+
+def _check_field(spec: SourceSpec, columns) -> None:
+    if columns is not None and spec.text_field not in columns:
+        raise BidirLMError(
+            f"source '{spec.name}': text_field '{spec.text_field}' is not a column; columns are {sorted(columns)}"
+        )
+
+
+def _from_datasets(spec: SourceSpec, dataset) -> TextSource:
+    """Wrap a ``datasets`` Dataset (random access) or IterableDataset (streaming)."""
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if spec.split not in dataset:
+            raise BidirLMError(f"source '{spec.name}': split '{spec.split}' is not one of {sorted(dataset)}")
+        dataset = dataset[spec.split]
+    _check_field(spec, dataset.column_names)
+    if isinstance(dataset, datasets.Dataset):
+        return TextSource(spec, docs=_Column(dataset, spec.text_field))
+
+    def iterate():
+        for row in dataset:
+            yield _as_text(row[spec.text_field])
+
+    return TextSource(spec, iterate=iterate)
+
+
+def open_source(spec: SourceSpec) -> TextSource:
+    """Open a source; raise a one-line :class:`BidirLMError` when it does not exist or is malformed."""
+    kind = resolve_kind(spec)
+    if spec.text_unit not in TEXT_UNITS:
+        raise BidirLMError(f"source '{spec.name}': text_unit '{spec.text_unit}' is not one of {list(TEXT_UNITS)}")
+    if kind in ("lee", "lee_documents"):
+        from bidirlm_pl import assets
+
+        return TextSource(spec, docs=assets.lee_background() if kind == "lee" else assets.lee_documents())
+    if kind == "text":
+        files = _files(spec, kind)
+        return TextSource(spec, docs=[d for f in files for d in _read_text_file(f, spec.text_unit)])
+    import datasets
+
+    if kind in ("jsonl", "parquet"):
+        files = _files(spec, kind)
+        builder = "json" if kind == "jsonl" else "parquet"
+        try:
+            loaded = datasets.load_dataset(builder, data_files=files, split="train", streaming=spec.streaming)
+        except Exception as err:  # malformed files: one line naming the source
+            raise BidirLMError(f"source '{spec.name}': cannot read {kind} files {files}: {err}") from None
+        return _from_datasets(spec, loaded)
+    if kind == "disk":
+        path = Path(spec.path or "").expanduser()
+        if spec.path is None or not path.is_dir():
+            raise BidirLMError(f"source '{spec.name}': saved dataset folder '{spec.path}' does not exist")
+        return _from_datasets(spec, datasets.load_from_disk(str(path)))
+    # kind == "hf"
+    if spec.dataset is None:
+        raise BidirLMError(f"source '{spec.name}' (kind hf) needs 'dataset'")
+    try:
+        loaded = datasets.load_dataset(spec.dataset, name=spec.config, split=spec.split,
+                                       data_files=spec.data_files, streaming=spec.streaming)
+    except Exception as err:
+        raise BidirLMError(f"source '{spec.name}': cannot load dataset '{spec.dataset}': "
+                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return _from_datasets(spec, loaded)
+
+
+def load_texts(spec: SourceSpec | dict) -> Iterable[str]:
+    """All non-empty documents of one source, in order (lazy for streaming sources).
+
+    >>> docs = load_texts({"name": "lee", "kind": "lee"})
+    >>> next(iter(docs))[:20]
+    'Hundreds of people h'
+    """
+    if isinstance(spec, dict):
+        spec = SourceSpec(**spec)
+    source = open_source(spec)
+    return (doc for doc in source if doc.strip())
+
+
+def first_documents(source: TextSource, n: int) -> list[str]:
+    """Up to ``n`` non-empty documents from the start of a source (for checks before training)."""
+    out = []
+    for doc in source:
+        if doc.strip():
+            out.append(doc)
+            if len(out) >= n:
+                break
+    return out
