@@ -1,0 +1,28 @@
+"""UBMoE (Uni-Bi Mixture of Experts): original causal FFN + bidirectional FFN copy + router per layer.
+
+>>> from bidirlm_pl import moe  # doctest: +SKIP
+>>> moe.convert_to_ubmoe(model, routing="forced0")  # doctest: +SKIP
+>>> moe.save_ubmoe(model, tokenizer, "out/ubmoe"); model, tok = moe.load_ubmoe("out/ubmoe")  # doctest: +SKIP
+"""
+
+from bidirlm_pl.moe.convert import (
+    UBMoESpec,
+    clear_routing_records,
+    convert_to_ubmoe,
+    decoder_layers,
+    is_ubmoe,
+    load_ubmoe,
+    save_ubmoe,
+    set_routing,
+    spec_of,
+    to_plain,
+    ubmoe_ffns,
+)
+from bidirlm_pl.moe.ffn import ROUTING_MODES, UniBiFFN, load_balancing_loss
+from bidirlm_pl.moe.modes import current_mode, mode, set_mode, set_mode_routing
+
+__all__ = [
+    "ROUTING_MODES", "UBMoESpec", "UniBiFFN", "clear_routing_records", "convert_to_ubmoe", "current_mode",
+    "decoder_layers", "is_ubmoe", "load_balancing_loss", "load_ubmoe", "mode", "save_ubmoe", "set_mode",
+    "set_mode_routing", "set_routing", "spec_of", "to_plain", "ubmoe_ffns",
+]

@@ -1,0 +1,60 @@
+"""Generation and embedding modes of a UBMoE model: attention direction plus the routing used in each.
+
+``generate`` runs causal attention with ``mode_routing["generate"]`` (default ``soft``; ``forced0``
+reproduces the original model exactly); ``embed`` runs bidirectional attention with
+``mode_routing["embed"]`` (default ``forced1``: the bidirectionally fine-tuned FFNs).
+
+>>> from bidirlm_pl import moe  # doctest: +SKIP
+>>> with moe.mode(model, "embed"):  # doctest: +SKIP
+...     hidden = model.model(**batch).last_hidden_state
+>>> moe.set_mode_routing(model, "generate", "top1")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+from bidirlm_pl import attention
+from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.moe.convert import ATTENTION_MODES, _record, set_routing, spec_of
+from bidirlm_pl.moe.ffn import check_routing
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in ATTENTION_MODES:
+        raise BidirLMError(f"UBMoE mode '{mode}' is not one of {list(ATTENTION_MODES)}")
+    return mode
+
+
+def set_mode_routing(model: nn.Module, mode: str, routing: str) -> nn.Module:
+    """Choose the routing that ``mode`` (generate or embed) uses from now on (recorded in the config)."""
+    spec = spec_of(model)
+    spec.mode_routing[_check_mode(mode)] = check_routing(routing)
+    _record(model, spec)
+    return model
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Put the model in ``generate`` (causal) or ``embed`` (bidirectional) mode with that mode's routing."""
+    spec = spec_of(model)
+    attention.set_bidirectional(model, _check_mode(mode) == "embed")
+    return set_routing(model, spec.mode_routing[mode])
+
+
+def current_mode(model: nn.Module) -> str:
+    return "embed" if attention.is_bidirectional(model) else "generate"
+
+
+@contextmanager
+def mode(model: nn.Module, name: str):
+    """Run a block in ``name`` mode; restore the attention direction and routing afterwards."""
+    spec = spec_of(model)
+    was_bidirectional = attention.is_bidirectional(model)
+    set_mode(model, name)
+    try:
+        yield model
+    finally:
+        attention.set_bidirectional(model, was_bidirectional)
+        set_routing(model, spec.routing)
