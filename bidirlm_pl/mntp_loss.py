@@ -1,0 +1,118 @@
+"""Sparse-vocabulary MNTP loss: only masked positions go through the output layer.
+
+Masked next-token prediction predicts the masked token at position *i* from the hidden state at
+*i - 1* with the model's own next-token head. Computing logits at every position (as LLM2Vec does)
+costs ``B*T*V`` multiply-adds and a ``(B, T, V)`` tensor; with a 262k vocabulary that dominates a
+small model's step. Here only the ``N`` hidden states that predict a masked token are gathered
+(``N ~ ratio * B * T``) and projected, optionally in chunks whose logits are recomputed in backward
+(activation checkpointing) so peak memory is ``chunk_size * V`` instead of ``N * V``.
+
+A target whose predecessor belongs to another document (packed rows: ``seq_ids`` changes between
+*i - 1* and *i*) is never predicted: the first token of a document is not a target.
+
+>>> import torch
+>>> head = torch.nn.Linear(8, 50, bias=False)
+>>> hidden_BTD = torch.randn(2, 6, 8)
+>>> labels_BT = torch.full((2, 6), -100); labels_BT[0, 3] = 7; labels_BT[1, 5] = 9
+>>> out = mntp_loss(hidden_BTD, labels_BT, head)
+>>> int(out.count), bool(torch.allclose(out.loss, full_logits_mntp_loss(head(hidden_BTD), labels_BT)))
+(2, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MNTPOutput:
+    """Mean loss over predicted tokens, masked-token accuracy, and how many tokens were predicted."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    count: torch.Tensor
+
+
+def prediction_mask(labels_BT: torch.Tensor, seq_ids_BT: torch.Tensor | None = None,
+                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Boolean (B, T-1): does the hidden state at ``i`` predict a target at ``i + 1``?
+
+    True where ``labels[:, i + 1]`` is a target and, for packed rows, ``i`` and ``i + 1`` are in the
+    same document.
+    """
+    valid_BT1 = labels_BT[:, 1:] != ignore_index
+    if seq_ids_BT is not None:
+        valid_BT1 &= (seq_ids_BT[:, 1:] == seq_ids_BT[:, :-1]) & (seq_ids_BT[:, 1:] >= 0)
+    return valid_BT1
+
+
+def _softcapped(logits_NV: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    if softcap is None:
+        return logits_NV
+    return torch.tanh(logits_NV / softcap) * softcap
+
+
+def _chunk_sums(output_layer, softcap, hidden_ND, targets_N):
+    logits_NV = _softcapped(output_layer(hidden_ND).float(), softcap)
+    loss_sum = F.cross_entropy(logits_NV, targets_N, reduction="sum")
+    correct = (logits_NV.detach().argmax(-1) == targets_N).sum()
+    return loss_sum, correct
+
+
+def mntp_loss(
+    hidden_BTD: torch.Tensor,
+    labels_BT: torch.Tensor,
+    output_layer: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    seq_ids_BT: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> MNTPOutput:
+    """MNTP cross-entropy over masked positions only.
+
+    Args:
+        hidden_BTD: last hidden states (after the final norm) of the bidirectional decoder.
+        labels_BT: original token at masked positions, ``ignore_index`` elsewhere.
+        output_layer: the model's output layer (``model.get_output_embeddings()``), hidden -> logits.
+        seq_ids_BT: document index per token (packed rows); targets that start a document are dropped.
+        chunk_size: project at most this many positions at once, recomputing logits in backward.
+        softcap: final logit soft-capping of the model (Gemma2-style ``final_logit_softcapping``).
+    """
+    valid_BT1 = prediction_mask(labels_BT, seq_ids_BT, ignore_index)
+    hidden_ND = hidden_BTD[:, :-1][valid_BT1]
+    targets_N = labels_BT[:, 1:][valid_BT1]
+    n = int(targets_N.numel())
+    if n == 0:
+        zero = hidden_BTD.sum() * 0.0
+        return MNTPOutput(zero, zero.detach(), torch.zeros((), dtype=torch.long, device=hidden_BTD.device))
+    if chunk_size is None or chunk_size >= n:
+        loss_sum, correct = _chunk_sums(output_layer, softcap, hidden_ND, targets_N)
+    else:
+        assert chunk_size > 0, "chunk_size must be positive"
+        loss_sum = hidden_ND.new_zeros((), dtype=torch.float32)
+        correct = torch.zeros((), dtype=torch.long, device=hidden_ND.device)
+        for start in range(0, n, chunk_size):
+            part_loss, part_correct = checkpoint(
+                _chunk_sums, output_layer, softcap, hidden_ND[start:start + chunk_size],
+                targets_N[start:start + chunk_size], use_reentrant=False,
+            )
+            loss_sum = loss_sum + part_loss
+            correct = correct + part_correct
+    count = torch.tensor(n, device=hidden_BTD.device)
+    return MNTPOutput(loss_sum / n, correct.float() / n, count)
+
+
+def full_logits_mntp_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
+                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The reference (LLM2Vec): logits at every position, shifted by one, cross-entropy on masked ones."""
+    V = logits_BTV.shape[-1]
+    return F.cross_entropy(logits_BTV[:, :-1].reshape(-1, V).float(), labels_BT[:, 1:].reshape(-1),
+                           ignore_index=ignore_index)

@@ -1,0 +1,88 @@
+"""MNTPStage: masked next-token prediction with bidirectional attention (the BidirLM / LLM2Vec adaptation).
+
+Feed it packed, masked batches from :class:`bidirlm_pl.data.TextDataModule`; the loss is
+:func:`bidirlm_pl.mntp_loss.mntp_loss` (only masked positions reach the output layer). Validation
+and test log ``val/loss`` and ``val/accuracy`` averaged over masked tokens (not over batches).
+
+Run it::
+
+    bidirlm fit --config configs/mntp/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning.pytorch.cli import OptimizerCallable
+
+from bidirlm_pl.backbone import LoraSpec
+from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.mntp_loss import mntp_loss
+from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
+
+
+class MNTPStage(BackboneStage):
+    """Masked next-token prediction on a bidirectional backbone.
+
+    Args (besides :class:`BackboneStage`'s):
+        loss_chunk_size: project masked positions through the output layer at most this many at a
+            time, recomputing their logits in backward (lower peak memory; ``None`` = one chunk).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        attn_implementation: str = "sdpa",
+        dtype: str = "float32",
+        bidirectional: bool = True,
+        head: str = "causal_lm",
+        trainable: list[str] | None = None,
+        lora: LoraSpec | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        schedule: Schedule | None = None,
+        loss_chunk_size: int | None = None,
+    ):
+        if head != "causal_lm":
+            raise BidirLMError(f"MNTP predicts tokens with the model's own head: head must be 'causal_lm', not '{head}'")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise BidirLMError(f"loss_chunk_size {loss_chunk_size} must be a positive number of positions or null")
+        super().__init__(model, attn_implementation=attn_implementation, dtype=dtype, bidirectional=bidirectional,
+                         head=head, trainable=trainable, lora=lora, gradient_checkpointing=gradient_checkpointing,
+                         optimizer=optimizer, schedule=schedule)
+        self.loss_chunk_size = loss_chunk_size
+
+    def configure_model(self):
+        super().configure_model()
+        self.backbone.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
+
+    def _softcap(self) -> float | None:
+        config = self.backbone.config
+        config = getattr(config, "text_config", None) or config
+        return getattr(config, "final_logit_softcapping", None)
+
+    def mntp(self, batch: dict):
+        """The :class:`~bidirlm_pl.mntp_loss.MNTPOutput` of a masked batch."""
+        if "labels" not in batch:
+            raise BidirLMError("MNTP batches need 'labels' (use bidirlm_pl.data.TextDataModule with a mask spec)")
+        hidden_BTD = self.hidden_states(batch)
+        return mntp_loss(hidden_BTD, batch["labels"], self.backbone.get_output_embeddings(),
+                         seq_ids_BT=batch.get("seq_ids"), chunk_size=self.loss_chunk_size, softcap=self._softcap())
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = self.mntp(batch)
+        return {"loss": out.loss, "accuracy": out.accuracy}
+
+    def _evaluate(self, batch: dict, prefix: str) -> torch.Tensor:
+        out = self.mntp(batch)
+        # weight each batch by its masked-token count: epoch values are token-level means
+        n = max(1, int(out.count))
+        self.log(f"{prefix}/loss", out.loss, batch_size=n, sync_dist=True, prog_bar=prefix == "val")
+        self.log(f"{prefix}/accuracy", out.accuracy, batch_size=n, sync_dist=True, prog_bar=prefix == "val")
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._evaluate(batch, "test")
