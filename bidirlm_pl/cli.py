@@ -89,6 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"bidirlm: error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:  # jsonargparse wraps errors raised while instantiating a config's classes
+        cause = _bidirlm_cause(err)
+        if cause is None:
+            raise
+        print(f"bidirlm: error: {cause}", file=sys.stderr)
+        return 2
+
+
+def _bidirlm_cause(err: BaseException) -> BidirLMError | None:
+    """The BidirLMError behind a wrapped exception (jsonargparse's ValueError), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, BidirLMError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":
