@@ -1,5 +1,6 @@
 """Lightning callbacks of bidirlm-pl, imported as ``bidirlm_pl.callbacks``."""
 
 from bidirlm_pl.callbacks.export import HFExport
+from bidirlm_pl.callbacks.router_stats import RouterStats
 
-__all__ = ["HFExport"]
+__all__ = ["HFExport", "RouterStats"]

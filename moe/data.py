@@ -1,0 +1,202 @@
+"""DataModules of the UBMoE stages: contrastive pairs (stage 1) and packed causal-LM text (stage 2).
+
+Both read documents through ``bidirlm_pl.data.sources`` (Lee corpus, text/JSONL/parquet files,
+saved or cached ``datasets``) and hold out the last ``holdout`` documents of the source for
+validation, so a later evaluation can use exactly the same held-out text (:func:`split_documents`).
+
+Stage 1 batches: ``{"query": {input_ids, attention_mask}, "positive": {...}}`` (right padding).
+Unsupervised SimCSE (``pairs: null``) uses each document as its own positive: the two forward
+passes differ by dropout noise only. ``pairs`` names a JSONL file with ``query_field`` and
+``positive_field`` per line (supervised pairs).
+
+Stage 2 batches: packed rows ``{input_ids, position_ids, seq_ids}`` (see ``bidirlm_pl.data.packing``).
+
+>>> dm = UBMoETextData(tokenizer="tiny-qwen3", max_length=64, batch_size=2)  # doctest: +SKIP
+>>> dm.setup("fit"); next(iter(dm.train_dataloader()))["input_ids"].shape  # doctest: +SKIP
+torch.Size([2, 64])
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from bidirlm_pl.data.packing import collate_rows, pack_documents
+from bidirlm_pl.data.sources import SourceSpec, load_texts
+from bidirlm_pl.errors import BidirLMError
+
+
+def _lee() -> SourceSpec:
+    return SourceSpec(name="lee", kind="lee")
+
+
+def split_documents(source: SourceSpec | dict | None, holdout: int) -> tuple[list[str], list[str]]:
+    """All documents of ``source`` split into (train, held-out = the last ``holdout`` documents)."""
+    docs = list(load_texts(source or _lee()))
+    if holdout < 0 or holdout >= len(docs):
+        raise BidirLMError(f"holdout {holdout} must be >= 0 and below the source's {len(docs)} documents")
+    return (docs[: len(docs) - holdout], docs[len(docs) - holdout:]) if holdout else (docs, [])
+
+
+def load_tokenizer(tokenizer: str | None):
+    from transformers import AutoTokenizer
+
+    from bidirlm_pl.backbone import resolve_model_path
+
+    if tokenizer is None:
+        raise BidirLMError("the data module needs 'tokenizer' (a model folder or asset; the CLI links it to the model)")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def read_pairs(path: str, query_field: str, positive_field: str) -> list[tuple[str, str]]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise BidirLMError(f"pairs file '{path}' does not exist; expected a JSONL file of query/positive pairs")
+    pairs = []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if query_field not in row or positive_field not in row:
+            raise BidirLMError(f"pairs file '{path}' line {n} lacks '{query_field}' or '{positive_field}'")
+        pairs.append((str(row[query_field]), str(row[positive_field])))
+    return pairs
+
+
+class UBMoEPairsData(L.LightningDataModule):
+    """Stage-1 contrastive data: unsupervised SimCSE on documents, or supervised pairs from JSONL.
+
+    Args:
+        tokenizer: model folder or asset (linked to the model by the CLI).
+        source: documents for SimCSE (default: the Lee background corpus).
+        pairs: JSONL file of pairs (then ``source`` is only used for validation SimCSE).
+        query_field, positive_field: keys of a pair.
+        holdout: last documents of ``source`` kept for validation.
+        max_length: truncation length; batch_size: pairs per batch; seed: shuffling seed.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        source: SourceSpec | None = None,
+        pairs: str | None = None,
+        query_field: str = "query",
+        positive_field: str = "positive",
+        holdout: int = 30,
+        max_length: int = 128,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 2:
+            raise BidirLMError(f"batch_size {batch_size} must be >= 2: InfoNCE needs in-batch negatives")
+        self.tokenizer_name, self.source, self.pairs_path = tokenizer, source, pairs
+        self.query_field, self.positive_field = query_field, positive_field
+        self.holdout, self.max_length, self.batch_size = holdout, max_length, batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.tokenizer = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_name)
+        train_docs, val_docs = split_documents(self.source, self.holdout)
+        if self.pairs_path is not None:
+            self.train_pairs = read_pairs(self.pairs_path, self.query_field, self.positive_field)
+        else:
+            self.train_pairs = [(d, d) for d in train_docs]
+        self.val_pairs = [(d, d) for d in val_docs]
+        if len(self.train_pairs) < self.batch_size:
+            raise BidirLMError(f"{len(self.train_pairs)} training pairs are fewer than batch_size {self.batch_size}")
+
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def collate(self, pairs: list[tuple[str, str]]) -> dict:
+        queries, positives = zip(*pairs)
+        return {"query": self._encode(list(queries)), "positive": self._encode(list(positives))}
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_pairs, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True,
+                          collate_fn=self.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        if len(self.val_pairs) < 2:
+            return []
+        return DataLoader(self.val_pairs, batch_size=self.batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+
+def tokenize_documents(tokenizer, docs: list[str]) -> list[list[int]]:
+    """Token ids per document, with the tokenizer's special tokens and an end-of-sequence token."""
+    out = []
+    for ids in tokenizer(docs, add_special_tokens=True)["input_ids"]:
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        out.append(ids)
+    return out
+
+
+class UBMoETextData(L.LightningDataModule):
+    """Stage-2 causal-LM text, packed into rows of ``max_length`` tokens (documents never attend across).
+
+    Args:
+        tokenizer: model folder or asset (linked to the model by the CLI).
+        source: documents (default: the Lee background corpus).
+        holdout: last documents kept for validation (the held-out perplexity text).
+        max_length: packed row length; batch_size: rows per batch; seed: row shuffling seed.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        source: SourceSpec | None = None,
+        holdout: int = 30,
+        max_length: int = 256,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.tokenizer_name, self.source, self.holdout = tokenizer, source, holdout
+        self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
+        self.tokenizer = None
+
+    def _rows(self, docs: list[str]):
+        return list(pack_documents(tokenize_documents(self.tokenizer, docs), self.max_length))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_name)
+        train_docs, val_docs = split_documents(self.source, self.holdout)
+        self.train_rows = self._rows(train_docs)
+        random.Random(self.seed).shuffle(self.train_rows)
+        self.val_rows = self._rows(val_docs)
+        if not self.train_rows:
+            raise BidirLMError("the stage-2 text source yields no training rows")
+
+    def collate(self, rows) -> dict[str, torch.Tensor]:
+        return collate_rows(rows, max_length=self.max_length, pad_token_id=self.tokenizer.pad_token_id)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_rows, batch_size=self.batch_size, shuffle=True, generator=g,
+                          collate_fn=self.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        if not self.val_rows:
+            return []
+        return DataLoader(self.val_rows, batch_size=self.batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers)

@@ -1,0 +1,265 @@
+"""UBMoE training stages (LightningModules for ``bidirlm fit``).
+
+* :class:`UBMoEStage1` — only expert 1 (the FFN copies) trains, bidirectional attention, InfoNCE
+  (temperature 0.05) on mean-pooled states: unsupervised SimCSE (each text twice, attention dropout
+  as noise) or supervised pairs. Expert 1 is used for every token (routing ``forced1``), so the
+  stage-1 model is exactly the original model with its FFNs fine-tuned.
+* :class:`UBMoEStage2` — only the routers train, causal attention, next-token loss on text, with
+  ``soft`` or ``top1`` routing (both pass a gradient to the router), plus an optional
+  load-balancing loss.
+
+Both export a UBMoE folder (``config.json`` records the MoE; reload with ``bidirlm_pl.moe.load_ubmoe``).
+
+>>> stage = UBMoEStage1(model="tiny-qwen3")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+
+from bidirlm_pl.backbone import load_backbone
+from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.moe.convert import UBMoESpec, convert_to_ubmoe, load_ubmoe, set_routing, ubmoe_ffns
+from bidirlm_pl.moe.ffn import check_routing, load_balancing_loss
+from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
+
+# trainable groups of a UBMoE model; expert 0 (the original FFN) never trains
+MOE_GROUP_PATTERNS = {
+    "expert1": r"\.mlp\.experts\.1\.",
+    "router": r"\.mlp\.router\.",
+    "attention": r"self_attn\.",
+    "embeddings": r"embed_tokens",
+    "norms": r"norm[^.]*\.weight$|norm[^.]*\.bias$",
+    "lm_head": r"(^|\.)lm_head\.",
+}
+EXPERT0 = r"\.mlp\.experts\.0\."
+
+
+def apply_moe_trainable(model: torch.nn.Module, groups: list[str]) -> dict[str, int]:
+    """Freeze everything except the named UBMoE groups; return trainable parameter counts per group."""
+    unknown = [g for g in groups if g not in MOE_GROUP_PATTERNS]
+    if unknown or not groups:
+        raise BidirLMError(
+            f"UBMoE trainable groups {list(groups)} are not a non-empty subset of {list(MOE_GROUP_PATTERNS)} "
+            f"(expert 0, the original FFN, always stays frozen)"
+        )
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        group = None if re.search(EXPERT0, name) else next(
+            (g for g in groups if re.search(MOE_GROUP_PATTERNS[g], name)), None)
+        param.requires_grad_(group is not None)
+        if group is not None:
+            counts[group] = counts.get(group, 0) + param.numel()
+    if not counts:
+        raise BidirLMError(f"UBMoE trainable groups {list(groups)} select no parameter; nothing would train")
+    return counts
+
+
+def _folder_spec(model: str) -> dict | None:
+    """The ``ubmoe`` entry of a model folder's config.json (None for plain models and assets)."""
+    from bidirlm_pl import assets
+
+    if model in assets.ASSETS:
+        return None
+    config = Path(model).expanduser() / "config.json"
+    return json.loads(config.read_text()).get("ubmoe") if config.is_file() else None
+
+
+class _UBMoEStage(BackboneStage):
+    """Shared plumbing: build or reload the UBMoE model, set routing and trainable groups."""
+
+    train_routing: str
+
+    def __init__(self, model: str, *, ubmoe: UBMoESpec | None, routing: str, trainable: list[str],
+                 bidirectional: bool, **kwargs):
+        super().__init__(model=model, bidirectional=bidirectional, head="causal_lm", trainable=list(trainable),
+                         **kwargs)
+        if trainable is not None and not list(trainable):
+            raise BidirLMError("UBMoE 'trainable' is empty; nothing would train")
+        for g in trainable:
+            if g not in MOE_GROUP_PATTERNS:
+                raise BidirLMError(f"UBMoE trainable group '{g}' is not one of {list(MOE_GROUP_PATTERNS)} "
+                                   f"(expert 0, the original FFN, always stays frozen)")
+        self.train_routing = check_routing(routing)
+        # forced routing gives the router no gradient, and forced0 never runs expert 1
+        idle = {"router"} if routing.startswith("forced") else set()
+        if routing == "forced0":
+            idle.add("expert1")
+        if set(trainable) <= idle:
+            raise BidirLMError(f"routing '{routing}' gives no gradient to trainable groups {list(trainable)}: "
+                               f"nothing would train")
+        self.spec = (ubmoe or UBMoESpec()).validate()
+        self.folder_spec = _folder_spec(model)
+
+    def build_model(self):
+        if self.folder_spec is not None:
+            model, tokenizer = load_ubmoe(self.model_path, dtype=self.dtype_name,
+                                          attn_implementation=self.attn_implementation,
+                                          bidirectional=self.bidirectional)
+        else:
+            model, tokenizer = load_backbone(self.model_path, attn_implementation=self.attn_implementation,
+                                             dtype=self.dtype_name, bidirectional=self.bidirectional, head=self.head)
+            convert_to_ubmoe(model, self.spec)
+        set_routing(model, self.train_routing)
+        return model, tokenizer
+
+    def configure_model(self):
+        if self.backbone is not None:
+            return
+        self.backbone, self.tokenizer = self.build_model()
+        self.trainable_counts = apply_moe_trainable(self.backbone, self.trainable)
+        # from_pretrained returns eval mode and Lightning keeps module modes: dropout needs train mode
+        self.backbone.train(self.training)
+        if self.gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class UBMoEStage1(_UBMoEStage):
+    """UBMoE stage 1: contrastive fine-tuning of the FFN copies (expert 1) with bidirectional attention.
+
+    Args:
+        model: a plain Qwen3/Gemma3/Llama folder or asset (converted here) or a UBMoE folder.
+        ubmoe: how to convert a plain model (router init, per-mode routing; see ``UBMoESpec``).
+        temperature: InfoNCE temperature (0.05 as the UBMoE code).
+        attention_dropout: dropout on attention probabilities while training (the SimCSE noise).
+        trainable: UBMoE groups that train (default: expert 1 only).
+        routing: routing while training (``forced1``: every token through expert 1).
+        Other arguments as :class:`BackboneStage`.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        ubmoe: UBMoESpec | None = None,
+        temperature: float = 0.05,
+        attention_dropout: float = 0.1,
+        trainable: list[str] | None = None,
+        routing: str = "forced1",
+        attn_implementation: str = "sdpa",
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        schedule: Schedule | None = None,
+    ):
+        from bidirlm_pl.losses import InfoNCE
+
+        trainable = ["expert1"] if trainable is None else trainable
+        super().__init__(model, ubmoe=ubmoe, routing=routing, trainable=trainable, bidirectional=True,
+                         attn_implementation=attn_implementation, dtype=dtype,
+                         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, schedule=schedule)
+        if not 0.0 <= attention_dropout < 1.0:
+            raise BidirLMError(f"attention_dropout {attention_dropout} is not in [0, 1)")
+        self.attention_dropout = attention_dropout
+        self.loss_fn = InfoNCE(temperature=temperature)
+
+    def build_model(self):
+        model, tokenizer = super().build_model()
+        for module in model.modules():  # training noise only: config.json keeps the model's own value
+            if hasattr(module, "attention_dropout") and hasattr(module, "q_proj"):
+                module.attention_dropout = self.attention_dropout
+        return model, tokenizer
+
+    def embed(self, encoded: dict) -> torch.Tensor:
+        """Mean-pooled bidirectional states (B, D) of a padded batch."""
+        from bidirlm_pl.pooling import mean_pool
+
+        hidden_BTD = self.hidden_states(encoded, bidirectional=True)
+        return mean_pool(hidden_BTD, encoded["attention_mask"])
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        query_BD = self.embed(batch["query"])
+        positive_BD = self.embed(batch["positive"])
+        loss = self.loss_fn.compute_loss(query_BD, positive_BD)
+        with torch.no_grad():
+            sim_BB = F.normalize(query_BD, dim=-1) @ F.normalize(positive_BD, dim=-1).T
+            accuracy = (sim_BB.argmax(-1) == torch.arange(len(sim_BB), device=sim_BB.device)).float().mean()
+        return {"loss": loss, "accuracy": accuracy}
+
+    def batch_size_of(self, batch: dict) -> int:
+        return int(batch["query"]["input_ids"].shape[0])
+
+
+def next_token_loss(logits_BTV: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy and the number of targets; packed rows never predict across documents."""
+    targets_BT = batch["input_ids"][:, 1:]
+    if batch.get("seq_ids") is not None:
+        seq = batch["seq_ids"]
+        valid_BT = (seq[:, 1:] == seq[:, :-1]) & (seq[:, 1:] >= 0)
+    elif batch.get("attention_mask") is not None:
+        mask = batch["attention_mask"].bool()
+        valid_BT = mask[:, 1:] & mask[:, :-1]
+    else:
+        valid_BT = torch.ones_like(targets_BT, dtype=torch.bool)
+    logits_NV = logits_BTV[:, :-1][valid_BT]
+    n = valid_BT.sum()
+    loss = F.cross_entropy(logits_NV.float(), targets_BT[valid_BT], reduction="sum") / n.clamp(min=1)
+    return loss, n
+
+
+def token_mask(batch: dict) -> torch.Tensor | None:
+    """(B, T) True on real tokens (not padding) of a packed or padded batch."""
+    if batch.get("seq_ids") is not None:
+        return batch["seq_ids"] >= 0
+    if batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool()
+    return None
+
+
+class UBMoEStage2(_UBMoEStage):
+    """UBMoE stage 2: train only the routers with the causal next-token loss.
+
+    Args:
+        model: a UBMoE folder written by stage 1 (a plain model has identical experts: nothing to learn).
+        routing: ``soft`` or ``top1`` while training (both give the router a gradient).
+        load_balance: weight of the Switch load-balancing loss (0 = off).
+        trainable: UBMoE groups that train (default: the routers only).
+        Other arguments as :class:`BackboneStage`.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        routing: str = "soft",
+        load_balance: float = 0.0,
+        trainable: list[str] | None = None,
+        attn_implementation: str = "sdpa",
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        schedule: Schedule | None = None,
+    ):
+        trainable = ["router"] if trainable is None else trainable
+        super().__init__(model, ubmoe=None, routing=routing, trainable=trainable, bidirectional=False,
+                         attn_implementation=attn_implementation, dtype=dtype,
+                         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, schedule=schedule)
+        if self.folder_spec is None:
+            raise BidirLMError(
+                f"stage 2 model '{model}' is not a UBMoE folder (run stage 1 first): with identical experts "
+                f"the router would learn nothing"
+            )
+        if load_balance < 0:
+            raise BidirLMError(f"load_balance {load_balance} must be >= 0")
+        self.load_balance = load_balance
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        kwargs = self.model_kwargs(batch, bidirectional=False)
+        logits_BTV = self.backbone(**kwargs).logits
+        lm_loss, _ = next_token_loss(logits_BTV, batch)
+        out = {"lm_loss": lm_loss.detach(), "perplexity": lm_loss.detach().exp()}
+        loss = lm_loss
+        ffns = [f for f in ubmoe_ffns(self.backbone) if f.last_probs_BTE is not None]
+        if ffns:
+            mask_BT = token_mask(batch)
+            balance = torch.stack([load_balancing_loss(f.last_probs_BTE, f.last_choice_BT, mask_BT)
+                                   for f in ffns]).mean()
+            out["balance_loss"] = balance.detach()
+            if self.load_balance > 0:
+                loss = loss + self.load_balance * balance
+        out["loss"] = loss
+        return out

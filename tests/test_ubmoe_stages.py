@@ -1,0 +1,166 @@
+"""UBMoE stages: what trains and what stays frozen, stage-1 equality with a plain model, CLI end to end."""
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from bidirlm_pl import load_backbone, moe
+from bidirlm_pl.callbacks import RouterStats
+from bidirlm_pl.cli import main
+from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.moe import UBMoEPairsData, UBMoEStage1, UBMoEStage2, UBMoETextData
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ubmoe"
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def _trainer(steps=3, callbacks=()):
+    return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     callbacks=list(callbacks))
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.backbone.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def stage1_folder(tmp_path_factory, tiny_qwen3):
+    """A UBMoE folder whose expert 1 differs from expert 0 (as after stage 1)."""
+    model, tok = load_backbone(tiny_qwen3, bidirectional=True)
+    moe.convert_to_ubmoe(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for ffn in moe.ubmoe_ffns(model):
+            for p in ffn.experts[1].parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return moe.save_ubmoe(model, tok, tmp_path_factory.mktemp("ub") / "stage1")
+
+
+def test_stage1_trains_only_expert1_and_equals_a_plain_model(tiny_path, tmp_path):
+    stage = UBMoEStage1(model=str(tiny_path), optimizer=_sgd, attention_dropout=0.3)
+    data = UBMoEPairsData(tokenizer=str(tiny_path), max_length=32, batch_size=4, holdout=10)
+    stage.configure_model()
+    before = _snapshot(stage)
+    _trainer(3).fit(stage, datamodule=data)
+    after = _snapshot(stage)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    expert1 = {k for k in before if ".mlp.experts.1." in k}
+    assert changed == expert1, sorted(changed ^ expert1)[:5]
+    # the stage-1 model (forced expert 1, bidirectional) is the plain model with expert-1 FFNs
+    stage.eval()
+    batch = data.collate(data.val_pairs[:3])["query"]
+    with torch.no_grad():
+        ours = stage.embed(batch)
+        stage.export_hf(tmp_path / "s1")
+        loaded, tok = moe.load_ubmoe(tmp_path / "s1")
+        plain = moe.to_plain(loaded, 1)
+        plain.save_pretrained(tmp_path / "plain")
+        tok.save_pretrained(tmp_path / "plain")
+        reference, _ = load_backbone(tmp_path / "plain", bidirectional=True)
+        from bidirlm_pl.pooling import mean_pool
+
+        hidden = reference.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        assert (mean_pool(hidden, batch["attention_mask"]) - ours).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("routing", ["soft", "top1"])
+def test_stage2_router_gets_gradient_and_frozen_parameters_stay(stage1_folder, routing):
+    stage = UBMoEStage2(model=str(stage1_folder), routing=routing, load_balance=0.01, optimizer=_sgd)
+    data = UBMoETextData(tokenizer=str(stage1_folder), max_length=48, batch_size=2, holdout=10)
+    stage.configure_model()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    stage.step(batch)["loss"].backward()
+    routers = [f.router.weight for f in moe.ubmoe_ffns(stage.backbone)]
+    assert all(w.grad is not None and w.grad.abs().max() > 0 for w in routers)
+    assert not any(p.grad is not None for n, p in stage.backbone.named_parameters() if ".router." not in n)
+    stage.backbone.zero_grad(set_to_none=True)
+    before = _snapshot(stage)
+    stats = RouterStats(every_n_steps=1)
+    _trainer(3, [stats]).fit(stage, datamodule=data)
+    after = _snapshot(stage)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if ".mlp.router." in k}
+    assert stage.backbone.config.is_causal  # trained causally
+    assert all(f.routing == routing for f in moe.ubmoe_ffns(stage.backbone))
+
+
+def test_router_stats_shares_count_real_tokens(stage1_folder):
+    model, _ = moe.load_ubmoe(stage1_folder)
+    with torch.no_grad():
+        for i, ffn in enumerate(moe.ubmoe_ffns(model)):
+            ffn.router.bias.copy_(torch.tensor([5.0, -5.0]) * (1 if i == 0 else -1))
+    from bidirlm_pl.callbacks.router_stats import routing_shares
+
+    ids = torch.randint(5, 100, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    moe.set_routing(model, "top1")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    shares = routing_shares(model, mask.bool())
+    assert float(shares["layer0/expert0"]) == 1.0 and float(shares["layer1/expert1"]) == 1.0
+    assert float(shares["expert1"]) == 0.5
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda m, f: UBMoEStage1(model=m, trainable=[]), "nothing would train"),
+    (lambda m, f: UBMoEStage1(model=m, trainable=["ffn"]), "trainable group 'ffn' is not one of"),
+    (lambda m, f: UBMoEStage1(model=m, routing="forced0"), "routing 'forced0' gives no gradient"),
+    (lambda m, f: UBMoEStage1(model=m, routing="hard"), "routing mode 'hard'"),
+    (lambda m, f: UBMoEStage2(model=m), "is not a UBMoE folder"),
+    (lambda m, f: UBMoEStage2(model=f, routing="forced1"), "routing 'forced1' gives no gradient"),
+    (lambda m, f: UBMoEStage2(model=f, load_balance=-1), "load_balance -1"),
+    (lambda m, f: UBMoEPairsData(tokenizer=m, batch_size=1), "batch_size 1 must be >= 2"),
+])
+def test_stage_configs_that_would_train_nothing_fail_before_training(tiny_qwen3, stage1_folder, make, match):
+    with pytest.raises(BidirLMError, match=match) as err:
+        make(str(tiny_qwen3), str(stage1_folder))
+    assert "\n" not in str(err.value)
+
+
+def test_cli_bad_stage_config_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["fit", "--config", str(CONFIGS / "stage1-tiny.yaml"), "--model.init_args.trainable=[router]",
+               "--model.init_args.routing=forced1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("bidirlm: error: routing 'forced1' gives no gradient")
+
+
+def test_cli_stage1_then_stage2_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false"]
+    assert main(["fit", "--config", str(CONFIGS / "stage1-tiny.yaml"), *common]) == 0
+    stage1 = tmp_path / "runs/ubmoe/stage1-tiny/hf"
+    model1, _ = moe.load_ubmoe(stage1)
+    assert not model1.config.is_causal and moe.spec_of(model1).routing == "forced1"
+    assert main(["fit", "--config", str(CONFIGS / "stage2-tiny.yaml"), *common]) == 0
+    model2, _ = moe.load_ubmoe(tmp_path / "runs/ubmoe/stage2-tiny/hf")
+    assert model2.config.is_causal and moe.spec_of(model2).routing == "soft"
+    s1, s2 = model1.state_dict(), model2.state_dict()
+    assert {k for k in s1 if not torch.equal(s1[k], s2[k])} == {k for k in s1 if ".mlp.router." in k}
+    metrics = next((tmp_path / "runs/ubmoe/stage2-tiny/logs").glob("version_*/metrics.csv")).read_text()
+    assert "router/layer1/expert1" in metrics and "val/perplexity" in metrics
+    # generation still works, and forced expert 0 reproduces the original tiny model's tokens
+    original, tok = load_backbone("tiny-qwen3", bidirectional=False)
+    moe.set_mode_routing(model2, "generate", "forced0")
+    moe.set_mode(model2, "generate")
+    ids = tok(["The river"], return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(model2.generate(ids, **kw), original.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_ubmoe_yaml_parses(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(CONFIGS / name), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "class_path: bidirlm_pl.moe.UBMoEStage" in capsys.readouterr().out
