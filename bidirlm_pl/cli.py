@@ -22,6 +22,8 @@ LIGHTNING_SUBCOMMANDS = {
 # name -> (module, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
     "assets": ("bidirlm_pl.assets_cli", "prepare offline assets (real Gemma3-270M, tiny test models); print paths"),
+    "run": ("bidirlm_pl.pipeline", "run a recipe: chain stage configs, skip finished stages"),
+    "export": ("bidirlm_pl.export_cli", "export a Lightning checkpoint as an HF (+ Sentence-Transformers) folder"),
 }
 
 
@@ -54,18 +56,25 @@ def _lightning_cli(argv: list[str] | None):
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def run_lightning(argv: list[str]):
+    """Run a LightningCLI subcommand in-process and return the CLI (``.model``, ``.trainer``)."""
+    return _lightning_cli(argv)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported (``--help`` imports none)."""
     parser = argparse.ArgumentParser(
         prog="bidirlm",
         description="Turn causal decoder LLMs into bidirectional encoders (PyTorch Lightning).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'bidirlm COMMAND --help' for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in LIGHTNING_SUBCOMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
     for name, (module, text) in TOOLS.items():
         tool = sub.add_parser(name, help=text, description=text)
-        importlib.import_module(module).add_arguments(tool)
+        if name == command:
+            importlib.import_module(module).add_arguments(tool)
     return parser
 
 
@@ -76,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             _lightning_cli(None if from_command_line else argv)
             return 0
-        parser = build_parser()
+        parser = build_parser(argv[0] if argv else None)
         if not argv:
             parser.print_help()
             return 0

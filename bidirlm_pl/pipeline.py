@@ -1,0 +1,125 @@
+"""``bidirlm run RECIPE.yaml``: chain stages (fit, merge, any bidirlm command), skipping finished ones.
+
+A recipe::
+
+    output_dir: runs/quickstart
+    stages:
+      - name: mntp                       # output: <output_dir>/mntp/hf
+        fit: configs/mntp/gemma3-270m.yaml
+        args: ["--trainer.max_steps=30"]
+      - name: merged
+        command: [merge, --models, "${mntp}", gemma3-270m, --weights, "0.5", "0.5", --output, "${out}"]
+      - name: contrastive
+        fit: configs/contrastive/gemma3-270m.yaml
+        model: "${merged}"
+
+``${name}`` is the HF folder a finished stage produced, ``${out}`` the current stage's own HF
+folder. A stage whose folder holds a ``DONE`` marker is skipped, so a rerun resumes where a
+previous one stopped.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bidirlm_pl.errors import BidirLMError
+
+STAGE_KEYS = {"name", "fit", "args", "model", "command"}
+
+
+@dataclass
+class Stage:
+    name: str
+    fit: str | None = None
+    args: list[str] = field(default_factory=list)
+    model: str | None = None
+    command: list[str] | None = None
+
+
+def load_recipe(path: str | Path) -> tuple[Path, list[Stage]]:
+    path = Path(path)
+    if not path.is_file():
+        raise BidirLMError(f"recipe '{path}' does not exist; expected a YAML file (see configs/recipes/)")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    stages = []
+    for i, raw in enumerate(recipe.get("stages") or []):
+        unknown = set(raw) - STAGE_KEYS
+        if unknown or "name" not in raw or (("fit" in raw) == ("command" in raw)):
+            raise BidirLMError(
+                f"stage {i} of '{path}' must have a name and exactly one of 'fit' or 'command' "
+                f"(allowed keys {sorted(STAGE_KEYS)}), got {sorted(raw)}"
+            )
+        stages.append(Stage(**raw))
+    if not stages:
+        raise BidirLMError(f"recipe '{path}' lists no stages")
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise BidirLMError(f"recipe '{path}' repeats a stage name: {names}")
+    return Path(recipe.get("output_dir", "runs/" + path.stem)), stages
+
+
+def _substitute(value: str, outputs: dict[str, str]) -> str:
+    def repl(match):
+        key = match.group(1)
+        if key not in outputs:
+            raise BidirLMError(f"'${{{key}}}' names no earlier stage; known: {sorted(outputs)}")
+        return outputs[key]
+
+    return re.sub(r"\$\{([^}]+)\}", repl, value)
+
+
+def run_stage(stage: Stage, out: Path, outputs: dict[str, str]) -> None:
+    from bidirlm_pl import cli
+
+    scope = {**outputs, "out": str(out)}
+    if stage.command is not None:
+        argv = [_substitute(str(a), scope) for a in stage.command]
+        code = cli.main(argv)
+        if code:
+            raise BidirLMError(f"stage '{stage.name}' failed: bidirlm {' '.join(argv)} exited {code}")
+        return
+    argv = ["fit", "--config", stage.fit, "--trainer.default_root_dir", str(out.parent)]
+    if stage.model is not None:
+        argv += ["--model.init_args.model", _substitute(stage.model, scope)]
+    argv += [_substitute(str(a), scope) for a in stage.args]
+    trained = cli.run_lightning(argv)
+    trained.model.export_hf(out)
+
+
+def run_recipe(path: str | Path, *, output_dir: str | None = None, force: bool = False) -> dict[str, str]:
+    root, stages = load_recipe(path)
+    root = Path(output_dir) if output_dir else root
+    outputs: dict[str, str] = {}
+    for stage in stages:
+        out = root / stage.name / "hf"
+        done = out / "DONE"
+        if done.exists() and not force:
+            print(f"[{stage.name}] finished earlier: {out}")
+        else:
+            print(f"[{stage.name}] running -> {out}")
+            start = time.time()
+            run_stage(stage, out, outputs)
+            if not out.is_dir():
+                raise BidirLMError(f"stage '{stage.name}' produced no folder at {out}")
+            done.write_text(f"{time.time() - start:.1f} s\n")
+            print(f"[{stage.name}] done in {time.time() - start:.0f} s")
+        outputs[stage.name] = str(out)
+    return outputs
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", help="recipe YAML (see configs/recipes/)")
+    parser.add_argument("--output-dir", help="override the recipe's output_dir")
+    parser.add_argument("--force", action="store_true", help="rerun stages that finished earlier")
+
+
+def main(args) -> int:
+    outputs = run_recipe(args.recipe, output_dir=args.output_dir, force=args.force)
+    for name, folder in outputs.items():
+        print(f"{name}: {folder}")
+    return 0
