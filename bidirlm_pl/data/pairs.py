@@ -1,0 +1,389 @@
+"""Contrastive data: (anchor, positive[, hard negatives]) rows, SimCSE from raw text, weighted mixtures.
+
+Each :class:`PairSource` yields rows ``{"anchor", "positive", "negatives"}``:
+
+* ``mode: pairs`` reads JSONL, parquet, a saved ``datasets`` folder or ``datasets.load_dataset``
+  (local builders / cached datasets only); fields are named by ``anchor_field``, ``positive_field``
+  and ``negatives_field`` (a list of strings, or one string per row).
+* ``mode: simcse`` reads raw documents (any kind of :mod:`bidirlm_pl.data.sources`: txt, JSONL,
+  parquet, datasets, Lee) and uses each text as its own positive; dropout is the only noise, so set
+  the stage's ``attention_dropout`` (LLM2Vec uses 0.3).
+* ``mode: halves`` (raw documents too) pairs the first half of each document's sentences with the
+  second half: a weak supervised signal derived from any corpus.
+
+Every row is checked before training: a missing or empty anchor/positive, or a hard-negative count
+other than ``num_negatives`` when ``fixed_negatives`` is set, is a one-line error naming source and row.
+
+Batches come from one source at a time; the source of each batch is drawn with probability
+proportional to its ``weight``. A batch is a dict of three padded (right-padded) groups ``query``,
+``positive`` and ``negatives`` (B*N rows, row i's negatives contiguous), each with ``input_ids``,
+``attention_mask`` and ``pool_mask`` (attention mask with the instruction prefix zeroed).
+
+>>> dm = PairsDataModule(tokenizer="tiny-qwen3", sources=[PairSource(name="lee", kind="lee", mode="simcse")],
+...                      batch_size=4)
+>>> dm.setup("fit"); batch = next(iter(dm.train_dataloader()))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from bidirlm_pl.data import sources as text_sources
+from bidirlm_pl.errors import BidirLMError
+
+MODES = ("pairs", "simcse", "halves")
+
+
+@dataclass
+class PairSource:
+    """One contrastive dataset of a mixture.
+
+    Args:
+        name: short name used in errors and logs.
+        mode: ``pairs`` (anchor/positive/negatives columns), ``simcse`` or ``halves`` (raw text).
+        kind, path, dataset, config, split, data_files, text_field, text_unit: where rows come from,
+            as in :class:`bidirlm_pl.data.sources.SourceSpec` (``text_field`` for raw-text modes).
+        weight: probability weight of drawing a batch from this source (> 0).
+        anchor_field, positive_field, negatives_field: column names in ``pairs`` mode.
+        num_negatives: hard negatives per row used in training (0 = in-batch negatives only).
+        fixed_negatives: every row must carry exactly ``num_negatives`` negatives; otherwise rows may
+            carry more (the first ``num_negatives`` are used) but never fewer.
+        query_instruction: text prepended to every anchor, excluded from pooling (e.g. ``"Instruct: ...\\nQuery: "``).
+        max_rows: use only the first rows (smoke runs).
+    """
+
+    name: str
+    mode: str = "pairs"
+    kind: str = "auto"
+    path: str | None = None
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    data_files: list[str] | None = None
+    text_field: str = "text"
+    text_unit: str = "line"
+    weight: float = 1.0
+    anchor_field: str = "anchor"
+    positive_field: str = "positive"
+    negatives_field: str = "negatives"
+    num_negatives: int = 0
+    fixed_negatives: bool = True
+    query_instruction: str | None = None
+    max_rows: int | None = None
+
+
+def _text_spec(src: PairSource) -> text_sources.SourceSpec:
+    return text_sources.SourceSpec(
+        name=src.name, kind=src.kind, path=src.path, dataset=src.dataset, config=src.config,
+        data_files=src.data_files, text_field=src.text_field, split=src.split, text_unit=src.text_unit,
+    )
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+def _halves(text: str) -> tuple[str, str] | None:
+    sentences = _sentences(text)
+    if len(sentences) < 2:
+        return None
+    mid = len(sentences) // 2
+    return " ".join(sentences[:mid]), " ".join(sentences[mid:])
+
+
+def _pair_table(src: PairSource):
+    """The rows of a ``pairs`` source as a ``datasets.Dataset`` (or a list of dicts)."""
+    import datasets
+
+    spec = _text_spec(src)
+    kind = text_sources.resolve_kind(spec)
+    try:
+        if kind in ("jsonl", "parquet"):
+            files = text_sources._files(spec, kind)
+            table = datasets.load_dataset("json" if kind == "jsonl" else "parquet", data_files=files, split="train")
+        elif kind == "disk":
+            table = datasets.load_from_disk(str(src.path))
+        elif kind == "hf":
+            table = datasets.load_dataset(src.dataset, name=src.config, split=src.split, data_files=src.data_files)
+        else:
+            raise BidirLMError(f"source '{src.name}': mode 'pairs' reads jsonl, parquet, disk or hf, not '{kind}'")
+    except BidirLMError:
+        raise
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BidirLMError(f"source '{src.name}': cannot read pairs from {src.path or src.dataset}: {first}") from None
+    if isinstance(table, datasets.DatasetDict):
+        if src.split not in table:
+            raise BidirLMError(f"source '{src.name}': split '{src.split}' is not one of {sorted(table)}")
+        table = table[src.split]
+    return table
+
+
+def check_row(src: PairSource, index: int, row: dict) -> dict:
+    """Validate one ``pairs`` row and return ``{"anchor", "positive", "negatives"}``, or raise naming the row."""
+    where = f"source '{src.name}' row {index}"
+    out = {}
+    for key, field in (("anchor", src.anchor_field), ("positive", src.positive_field)):
+        value = row.get(field)
+        if value is None:
+            raise BidirLMError(f"{where} has no '{field}' (the {key}); columns are {sorted(row)}")
+        if not isinstance(value, str) or not value.strip():
+            raise BidirLMError(f"{where} has an empty '{field}' (the {key}); expected a non-empty string")
+        out[key] = value
+    negatives = row.get(src.negatives_field)
+    if negatives is None:
+        negatives = []
+    elif isinstance(negatives, str):
+        negatives = [negatives]
+    for k, neg in enumerate(negatives):
+        if not isinstance(neg, str) or not neg.strip():
+            raise BidirLMError(f"{where} has an empty hard negative at '{src.negatives_field}'[{k}]")
+    if src.num_negatives:
+        if src.fixed_negatives and len(negatives) != src.num_negatives:
+            raise BidirLMError(
+                f"{where} has {len(negatives)} hard negatives; num_negatives is fixed at {src.num_negatives} "
+                "(set fixed_negatives: false to allow more per row)"
+            )
+        if len(negatives) < src.num_negatives:
+            raise BidirLMError(f"{where} has {len(negatives)} hard negatives, fewer than num_negatives "
+                               f"{src.num_negatives}")
+    out["negatives"] = list(negatives[: src.num_negatives])
+    return out
+
+
+def load_rows(src: PairSource) -> list[dict]:
+    """All rows of a source, validated: ``[{"anchor", "positive", "negatives"}]``."""
+    if src.mode not in MODES:
+        raise BidirLMError(f"source '{src.name}': mode '{src.mode}' is not one of {list(MODES)}")
+    if not src.weight > 0:
+        raise BidirLMError(f"source '{src.name}': weight {src.weight} must be > 0")
+    if src.num_negatives < 0:
+        raise BidirLMError(f"source '{src.name}': num_negatives {src.num_negatives} must be >= 0")
+    rows: list[dict] = []
+    if src.mode == "pairs":
+        table = _pair_table(src)
+        n = len(table) if src.max_rows is None else min(len(table), src.max_rows)
+        for i in range(n):
+            rows.append(check_row(src, i, dict(table[i])))
+    else:
+        if src.num_negatives:
+            raise BidirLMError(f"source '{src.name}': mode '{src.mode}' has no hard negatives; set num_negatives: 0")
+        for text in text_sources.load_texts(_text_spec(src)):
+            if src.max_rows is not None and len(rows) >= src.max_rows:
+                break
+            if src.mode == "simcse":
+                rows.append({"anchor": text, "positive": text, "negatives": []})
+            else:
+                pair = _halves(text)
+                if pair is not None:
+                    rows.append({"anchor": pair[0], "positive": pair[1], "negatives": []})
+    if not rows:
+        raise BidirLMError(f"source '{src.name}' has no usable rows")
+    return rows
+
+
+# ---------------------------------------------------------------- tokenization
+
+class PairCollator:
+    """Tokenize rows into right-padded query/positive/negative groups with pooling masks."""
+
+    def __init__(self, tokenizer, max_length: int = 128):
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "right"
+        self.max_length = max_length
+        self._prefix_cache: dict[str, int] = {}
+
+    def prefix_length(self, instruction: str | None) -> int:
+        """Tokens of the instruction alone (with special tokens, as sentence-transformers counts a prompt)."""
+        from bidirlm_pl.encoder import prompt_length
+
+        if instruction not in self._prefix_cache:
+            self._prefix_cache[instruction] = prompt_length(self.tokenizer, instruction)
+        return self._prefix_cache[instruction]
+
+    def encode(self, texts: list[str], instruction: str | None = None) -> dict[str, torch.Tensor]:
+        full = [(instruction or "") + t for t in texts]
+        enc = self.tokenizer(full, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        prefix = self.prefix_length(instruction)
+        mask = enc["attention_mask"].clone()
+        if prefix:
+            lengths = mask.sum(1)
+            # never pool zero tokens: keep at least the last token of a truncated text
+            cut = torch.clamp(torch.full_like(lengths, prefix), max=lengths - 1)
+            mask[torch.arange(mask.shape[1])[None] < cut[:, None]] = 0
+        out["pool_mask"] = mask
+        return out
+
+    def __call__(self, rows: list[dict], instruction: str | None = None) -> dict:
+        batch = {
+            "query": self.encode([r["anchor"] for r in rows], instruction),
+            "positive": self.encode([r["positive"] for r in rows]),
+        }
+        n = len(rows[0]["negatives"])
+        assert all(len(r["negatives"]) == n for r in rows), "rows of one source carry one negative count"
+        if n:
+            batch["negatives"] = self.encode([neg for r in rows for neg in r["negatives"]])
+        batch["n_negatives"] = n
+        return batch
+
+
+# ---------------------------------------------------------------- mixture of sources, one source per batch
+
+class SourceBatches(IterableDataset):
+    """Collated batches, each drawn from one source chosen with probability proportional to its weight.
+
+    An epoch has ``sum(len(rows_i) // batch_size)`` batches (at least one per source); each source is
+    reshuffled when exhausted. Batches are split over DDP ranks and dataloader workers by index.
+    """
+
+    def __init__(self, sources: list[PairSource], rows: list[list[dict]], collator: PairCollator,
+                 batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True):
+        self.sources, self.rows, self.collator = sources, rows, collator
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+        per = [max(1, len(r) // batch_size) if drop_last else -(-len(r) // batch_size) for r in rows]
+        self.total = sum(per)
+
+    def __len__(self) -> int:
+        return max(1, self.total // self.world_size)
+
+    def plan(self, epoch: int) -> list[tuple[int, list[int]]]:
+        """(source index, row indices) of every batch of an epoch, identical on every rank.
+
+        Training draws the source of each batch by weight and shuffles rows; evaluation walks the
+        sources in order, rows in order, keeping the last partial batch.
+        """
+        if not self.shuffle:
+            return [(s, list(range(i, min(i + self.batch_size, len(rows)))))
+                    for s, rows in enumerate(self.rows) for i in range(0, len(rows), self.batch_size)]
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        weights = [s.weight for s in self.sources]
+        orders: list[list[int]] = [[] for _ in self.rows]
+        plan = []
+        for _ in range(self.total):
+            s = rng.choices(range(len(self.sources)), weights=weights)[0]
+            n = len(self.rows[s])
+            take = min(self.batch_size, n)
+            if len(orders[s]) < take:
+                fresh = list(range(n))
+                rng.shuffle(fresh)
+                orders[s].extend(fresh)
+            plan.append((s, orders[s][:take]))
+            del orders[s][:take]
+        return plan
+
+    def __iter__(self) -> Iterator[dict]:
+        plan = self.plan(self.epoch)
+        self.epoch += 1
+        # every rank runs the same number of batches (collectives in the loss must line up)
+        per_rank = len(self)
+        plan = (plan * (1 + per_rank * self.world_size // max(1, len(plan))))[: per_rank * self.world_size]
+        worker = get_worker_info()
+        shards, shard = self.world_size, self.rank
+        if worker is not None:
+            shards, shard = shards * worker.num_workers, shard * worker.num_workers + worker.id
+        for k in range(shard, len(plan), shards):
+            s, idx = plan[k]
+            batch = self.collator([self.rows[s][i] for i in idx], self.sources[s].query_instruction)
+            batch["source"] = s
+            yield batch
+
+
+class PairsDataModule(L.LightningDataModule):
+    """Contrastive pairs for ``ContrastiveStage``: a weighted mixture of pair/SimCSE sources.
+
+    Args:
+        tokenizer: model folder or asset name whose tokenizer to use (linked to the model by the CLI).
+        sources: the training sources (see :class:`PairSource`).
+        val_sources: optional held-out sources; otherwise ``val_fraction`` of each source's rows.
+        batch_size: rows per batch (per device); the global batch gathers every device's rows when
+            the loss gathers across devices.
+        max_length: token limit per text (truncation).
+        val_fraction: share of each training source held out for validation (0 disables validation).
+        num_workers: dataloader workers.
+        seed: shuffling seed.
+    """
+
+    def __init__(self, tokenizer: str | None = None, sources: list[PairSource] | None = None,
+                 val_sources: list[PairSource] | None = None, batch_size: int = 32, max_length: int = 128,
+                 val_fraction: float = 0.0, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if not sources:
+            raise BidirLMError("PairsDataModule needs at least one source in 'sources'")
+        if batch_size < 1:
+            raise BidirLMError(f"batch_size {batch_size} must be >= 1")
+        if not 0 <= val_fraction < 1:
+            raise BidirLMError(f"val_fraction {val_fraction} must be in [0, 1)")
+        self.tokenizer_name = tokenizer
+        self.sources = [PairSource(**s) if isinstance(s, dict) else s for s in sources]
+        self.val_sources = [PairSource(**s) if isinstance(s, dict) else s for s in (val_sources or [])]
+        self.batch_size, self.max_length = batch_size, max_length
+        self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
+        self.train_rows = self.val_rows = None
+        self.save_hyperparameters({"sources": [asdict(s) for s in self.sources]})
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from bidirlm_pl.backbone import resolve_model_path
+
+        if self.tokenizer_name is None:
+            raise BidirLMError("PairsDataModule needs 'tokenizer' (a model folder or asset name)")
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def setup(self, stage: str | None = None):
+        if self.train_rows is not None:
+            return
+        self.collator = PairCollator(self._tokenizer(), self.max_length)
+        self.train_rows, self.val_rows = [], []
+        for src in self.sources:
+            rows = load_rows(src)
+            n_val = int(len(rows) * self.val_fraction) if not self.val_sources else 0
+            if n_val:
+                rng = random.Random(self.seed)
+                order = list(range(len(rows)))
+                rng.shuffle(order)
+                self.val_rows.append([rows[i] for i in order[:n_val]])
+                rows = [rows[i] for i in order[n_val:]]
+            self.train_rows.append(rows)
+        if self.val_sources:
+            self.val_rows = [load_rows(src) for src in self.val_sources]
+
+    def _rank(self):
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, dataset):
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        rank, world = self._rank()
+        self._train = SourceBatches(self.sources, self.train_rows, self.collator, self.batch_size, self.seed,
+                                    shuffle=True, rank=rank, world_size=world)
+        return self._loader(self._train)
+
+    def val_dataloader(self):
+        if not self.val_rows or not any(self.val_rows):
+            return []
+        rank, world = self._rank()
+        srcs = self.val_sources or [s for s, r in zip(self.sources, self.val_rows)]
+        keep = [(s, r) for s, r in zip(srcs, self.val_rows) if r]
+        return self._loader(SourceBatches([s for s, _ in keep], [r for _, r in keep], self.collator,
+                                          self.batch_size, self.seed, shuffle=False, rank=rank, world_size=world,
+                                          drop_last=False))

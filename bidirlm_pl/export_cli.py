@@ -1,0 +1,92 @@
+"""``bidirlm export``: a Lightning checkpoint of any stage -> an HF folder (plus the stage's extra files).
+
+    bidirlm export --ckpt runs/contrastive/checkpoints/last.ckpt --output models/encoder [--overwrite]
+
+The checkpoint is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling); the stage
+is rebuilt from its saved hyperparameters (its base model folder or asset must still exist), the
+trained weights are loaded strictly, and the folder is written atomically (temporary sibling, rename).
+A contrastive checkpoint yields a folder that ``SentenceTransformer(dir)`` and ``AutoModel`` load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from bidirlm_pl.errors import BidirLMError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by `bidirlm fit`")
+    parser.add_argument("--output", required=True, help="target folder (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint loaded with ``weights_only=True`` (our config dataclasses allow-listed)."""
+    import torch
+
+    from bidirlm_pl.backbone import LoraSpec
+    from bidirlm_pl.stages.base import Schedule
+
+    path = Path(path)
+    if not path.is_file():
+        raise BidirLMError(f"checkpoint '{path}' does not exist; expected a .ckpt file written by `bidirlm fit`")
+    try:
+        with torch.serialization.safe_globals([Schedule, LoraSpec]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BidirLMError(f"checkpoint '{path}' cannot be loaded safely (weights_only): {first}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise BidirLMError(f"checkpoint '{path}' has no state_dict/hyper_parameters; expected a Lightning checkpoint")
+    return ckpt
+
+
+def stage_from_checkpoint(ckpt: dict):
+    """Rebuild the stage (a BackboneStage subclass) of a checkpoint and load its trained weights."""
+    from bidirlm_pl.backbone import LoraSpec
+    from bidirlm_pl.stages.base import BackboneStage, Schedule
+
+    hparams = dict(ckpt["hyper_parameters"])
+    class_path = hparams.pop("_class_path", None)
+    hparams.pop("_instantiator", None)
+    if class_path is None:
+        raise BidirLMError("checkpoint hyper_parameters name no '_class_path'; expected one written by `bidirlm fit`")
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        raise BidirLMError(f"checkpoint stage class '{class_path}' cannot be imported") from None
+    if not (isinstance(cls, type) and issubclass(cls, BackboneStage)):
+        raise BidirLMError(f"checkpoint stage class '{class_path}' is not a bidirlm_pl BackboneStage")
+    if isinstance(hparams.get("schedule"), dict):
+        hparams["schedule"] = Schedule(**hparams["schedule"])
+    if isinstance(hparams.get("lora"), dict):
+        hparams["lora"] = LoraSpec(**hparams["lora"])
+    stage = cls(**hparams)
+    stage.configure_model()
+    missing, unexpected = stage.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise BidirLMError(f"checkpoint weights do not fit stage '{class_path}': missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    return stage
+
+
+def export_checkpoint(ckpt_path: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
+    """Export a checkpoint to ``output``; return the folder.
+
+    >>> export_checkpoint("runs/x/checkpoints/last.ckpt", "models/encoder")  # doctest: +SKIP
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise BidirLMError(f"output folder '{output}' already exists; pass --overwrite to replace it")
+    stage = stage_from_checkpoint(load_checkpoint(ckpt_path))
+    return stage.export_hf(output, overwrite=overwrite)
+
+
+def main(args: argparse.Namespace) -> int:
+    folder = export_checkpoint(args.ckpt, args.output, overwrite=args.overwrite)
+    print(f"exported {args.ckpt} -> {folder}")
+    return 0

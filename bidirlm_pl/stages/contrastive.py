@@ -1,0 +1,151 @@
+"""ContrastiveStage: InfoNCE on pooled embeddings of (query, positive[, hard negatives]) batches.
+
+Batches come from :class:`bidirlm_pl.data.pairs.PairsDataModule`. The backbone loads without its
+output layer (``head: base``); token states are pooled (mean, last token, position-weighted mean
+or NV-Embed latent attention; instruction tokens excluded), and the loss is
+:class:`bidirlm_pl.losses.InfoNCE` (optionally through :class:`~bidirlm_pl.losses.GradCache`).
+The export is an HF folder that is also a Sentence-Transformers folder (see ``bidirlm_pl.encoder``).
+
+    bidirlm fit --config configs/contrastive/tiny.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from bidirlm_pl.backbone import LoraSpec
+from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.losses import GradCache, InfoNCE
+from bidirlm_pl.pooling import Pooling
+from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
+
+
+def set_attention_dropout(model: torch.nn.Module, p: float) -> int:
+    """Set the attention dropout of every attention module (SimCSE noise); return how many were set."""
+    if not 0 <= p < 1:
+        raise BidirLMError(f"attention_dropout {p} must be in [0, 1)")
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "attention_dropout") and isinstance(getattr(module, "attention_dropout"), float):
+            module.attention_dropout = p
+            count += 1
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and hasattr(config, "attention_dropout"):
+            config.attention_dropout = p
+    return count
+
+
+class ContrastiveStage(BackboneStage):
+    """Contrastive training of a (bidirectional) decoder into an embedding model.
+
+    Args (besides :class:`BackboneStage`'s):
+        pooling: ``mean``, ``last``, ``weighted_mean`` or ``latent_attention``.
+        normalize: L2-normalise exported embeddings (the loss uses cosine scores either way).
+        temperature: InfoNCE temperature (> 0).
+        symmetric: add the positive -> query direction.
+        false_negative_margin: mask negatives scoring above the positive by more than this (None = off).
+        gather_across_devices: under DDP, every rank's candidates join the denominator (with gradients).
+        gradcache_chunk_size: embed in chunks of this many rows (GradCache); None embeds the batch at once.
+        attention_dropout: dropout on attention weights during training (SimCSE noise; None keeps the model's).
+        latent_num_latents, latent_num_heads: size of the latent-attention pooler.
+        max_length: the sequence limit recorded in the exported Sentence-Transformers config.
+        query_instruction: recorded as the ``query`` prompt of the exported model (excluded from pooling).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        attn_implementation: str = "sdpa",
+        dtype: str = "float32",
+        bidirectional: bool = True,
+        head: str = "base",
+        trainable: list[str] | None = None,
+        lora: LoraSpec | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        schedule: Schedule | None = None,
+        pooling: str = "mean",
+        normalize: bool = True,
+        temperature: float = 0.05,
+        symmetric: bool = False,
+        false_negative_margin: float | None = None,
+        gather_across_devices: bool = False,
+        gradcache_chunk_size: int | None = None,
+        attention_dropout: float | None = None,
+        latent_num_latents: int = 512,
+        latent_num_heads: int = 8,
+        max_length: int = 512,
+        query_instruction: str | None = None,
+    ):
+        super().__init__(model, attn_implementation=attn_implementation, dtype=dtype, bidirectional=bidirectional,
+                         head=head, trainable=trainable, lora=lora, gradient_checkpointing=gradient_checkpointing,
+                         optimizer=optimizer, schedule=schedule)
+        Pooling(pooling, hidden_size=8, num_latents=1, num_heads=1)  # validate the mode now
+        self.pooling_mode = pooling
+        self.normalize = normalize
+        self.loss_fn = InfoNCE(temperature, symmetric=symmetric, false_negative_margin=false_negative_margin,
+                               gather_across_devices=gather_across_devices)
+        self.gradcache = GradCache(self.loss_fn, gradcache_chunk_size) if gradcache_chunk_size else None
+        if attention_dropout is not None and not 0 <= attention_dropout < 1:
+            raise BidirLMError(f"attention_dropout {attention_dropout} must be in [0, 1)")
+        self.attention_dropout = attention_dropout
+        self.latent_num_latents, self.latent_num_heads = latent_num_latents, latent_num_heads
+        self.max_length = max_length
+        self.query_instruction = query_instruction
+        self.pooler = None
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self):
+        if self.backbone is not None:
+            return
+        super().configure_model()
+        # from_pretrained leaves the model in eval mode and Lightning keeps submodule modes: train it,
+        # or attention dropout (the SimCSE noise) would silently stay off
+        self.backbone.train()
+        if self.attention_dropout is not None:
+            set_attention_dropout(self.backbone, self.attention_dropout)
+        hidden = self.backbone.config.get_text_config().hidden_size
+        self.pooler = Pooling(self.pooling_mode, hidden_size=hidden, num_latents=self.latent_num_latents,
+                              num_heads=self.latent_num_heads)
+        if self.pooler.latent is not None:
+            self.pooler.to(next(self.backbone.parameters()).device)
+
+    def embed(self, group: dict) -> torch.Tensor:
+        """Pooled embeddings (B, D) of one padded group (``input_ids``, ``attention_mask``, ``pool_mask``)."""
+        hidden_BTD = self.hidden_states({"input_ids": group["input_ids"], "attention_mask": group["attention_mask"]})
+        return self.pooler(hidden_BTD, group.get("pool_mask", group["attention_mask"])).float()
+
+    # ------------------------------------------------------------------ steps
+    def batch_size_of(self, batch: dict) -> int:
+        return int(batch["query"]["input_ids"].shape[0])
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        n = int(batch.get("n_negatives", 0))
+        negatives = batch.get("negatives") if n else None
+        if self.gradcache is not None:
+            loss = self.gradcache(self.embed, batch["query"], batch["positive"], negatives, n_negatives=n)
+            details = self.gradcache.last_details
+        else:
+            q, p = self.embed(batch["query"]), self.embed(batch["positive"])
+            neg = self.embed(negatives).view(q.shape[0], n, -1) if negatives is not None else None
+            loss, details = self.loss_fn.compute_loss(q, p, neg, return_details=True)
+        out = {"loss": loss}
+        if self.loss_fn.false_negative_margin is not None:
+            out["masked_negatives"] = details["masked_negatives"]
+        return out
+
+    # ------------------------------------------------------------------ export
+    def export_extra(self, folder: Path) -> None:
+        """Sentence-Transformers modules (Transformer, Pooling, Normalize) and our encoder config."""
+        from bidirlm_pl.encoder import write_encoder_files
+
+        hidden = self.backbone.config.get_text_config().hidden_size
+        write_encoder_files(
+            folder, hidden_size=hidden, pooling=self.pooling_mode, normalize=self.normalize,
+            max_length=self.max_length, query_instruction=self.query_instruction,
+            latent_state=self.pooler.latent.state_dict() if self.pooler.latent is not None else None,
+            latent_config=self.pooler.latent.config if self.pooler.latent is not None else None,
+        )
