@@ -1,0 +1,140 @@
+"""ContrastiveStage: CLI end to end, export round trip, GradCache inside the stage, SimCSE dropout noise."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bidirlm_pl.cli import main
+from bidirlm_pl.data.pairs import PairCollator
+from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.stages.contrastive import ContrastiveStage
+
+CONFIG = "configs/contrastive/tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One tiny `bidirlm fit` run (4 steps) whose checkpoint and export the tests share."""
+    import os
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("contrastive-fit")
+    config = str(Path(__file__).resolve().parents[1] / CONFIG)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        code = main(["fit", "--config", config, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                     "--trainer.default_root_dir", str(root)])
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    return root
+
+
+def test_fit_trains_logs_and_exports(fitted):
+    exports = list(fitted.rglob("hf/config.json"))
+    ckpts = list(fitted.rglob("*.ckpt"))
+    assert len(exports) == 1 and len(ckpts) == 1
+    folder = exports[0].parent
+    for name in ("modules.json", "1_Pooling/config.json", "2_Normalize", "sentence_bert_config.json",
+                 "config_sentence_transformers.json", "bidirlm_encoder.json", "model.safetensors"):
+        assert (folder / name).exists(), name
+    prompts = json.loads((folder / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts["query"] == "Represent the news article: "
+    metrics = list(csv.DictReader(open(next(fitted.rglob("metrics.csv")))))
+    losses = [float(r["train/loss"]) for r in metrics if r.get("train/loss")]
+    assert losses and all(np.isfinite(losses))
+    assert any(r.get("val/loss") for r in metrics)
+
+
+def test_export_cli_round_trip(fitted, tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    from bidirlm_pl.encoder import Encoder
+
+    ckpt = str(next(fitted.rglob("*.ckpt")))
+    out = tmp_path / "encoder"
+    assert main(["export", "--ckpt", ckpt, "--output", str(out)]) == 0
+    assert main(["export", "--ckpt", ckpt, "--output", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["export", "--ckpt", ckpt, "--output", str(out), "--overwrite"]) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    texts = ["A bushfire near Sydney.", "The cricket team won the test match by six wickets today."]
+    ours = Encoder.from_pretrained(out).encode(texts)
+    at_fit_end = Encoder.from_pretrained(next(fitted.rglob("hf/config.json")).parent).encode(texts)
+    theirs = SentenceTransformer(str(out), device="cpu").encode(texts)
+    assert np.abs(ours - at_fit_end).max() <= 1e-5
+    assert np.abs(ours - theirs).max() <= 1e-5
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    assert main(["export", "--ckpt", str(tmp_path / "none.ckpt"), "--output", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    assert main(["export", "--ckpt", str(tmp_path / "bad.ckpt"), "--output", str(tmp_path / "o")]) == 2
+    assert "cannot be loaded safely" in capsys.readouterr().err
+
+
+def _batch(tokenizer, n=6, negatives=1):
+    from bidirlm_pl import assets
+
+    docs = assets.lee_background()[:n * (2 + negatives)]
+    rows = [{"anchor": docs[i][:200], "positive": docs[n + i][:200],
+             "negatives": [docs[2 * n + i * negatives + k][:200] for k in range(negatives)]} for i in range(n)]
+    return PairCollator(tokenizer, max_length=48)(rows, "Represent: ")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "latent_attention"])
+def test_gradcache_in_the_stage_equals_plain(tiny_qwen3, pooling):
+    grads = []
+    for chunk in (None, 2):
+        torch.manual_seed(0)
+        stage = ContrastiveStage(str(tiny_qwen3), pooling=pooling, gradcache_chunk_size=chunk, latent_num_latents=8,
+                                 latent_num_heads=2, false_negative_margin=0.1)
+        stage.configure_model()
+        batch = _batch(stage.tokenizer)
+        out = stage.step(batch)
+        out["loss"].backward()
+        grads.append((out["loss"].detach(), {n: p.grad.clone() for n, p in stage.named_parameters()
+                                             if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert torch.allclose(l0, l1, atol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-5), name
+
+
+def test_attention_dropout_is_the_simcse_noise(tiny_qwen3):
+    stage = ContrastiveStage(str(tiny_qwen3), attention_dropout=0.3)
+    stage.configure_model()
+    group = _batch(stage.tokenizer)["query"]
+    assert stage.backbone.training
+    a, b = stage.embed(group), stage.embed(group)
+    assert (a - b).abs().max() > 1e-4
+    stage.eval()
+    assert torch.equal(stage.embed(group), stage.embed(group))
+    with pytest.raises(BidirLMError, match="attention_dropout 1.5"):
+        ContrastiveStage(str(tiny_qwen3), attention_dropout=1.5)
+    with pytest.raises(BidirLMError, match="temperature -1"):
+        ContrastiveStage(str(tiny_qwen3), temperature=-1)
+    with pytest.raises(BidirLMError, match="pooling 'cls'"):
+        ContrastiveStage(str(tiny_qwen3), pooling="cls")
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_qwen3):
+    torch.manual_seed(0)
+    stage = ContrastiveStage(str(tiny_qwen3))
+    stage.configure_model()
+    batch = _batch(stage.tokenizer, n=8, negatives=0)
+    opt = torch.optim.AdamW(stage.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = stage.step(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
