@@ -1,6 +1,7 @@
 """Lightning callbacks of bidirlm-pl, imported as ``bidirlm_pl.callbacks``."""
 
+from bidirlm_pl.callbacks.embedding_eval import EmbeddingEval
 from bidirlm_pl.callbacks.export import HFExport
 from bidirlm_pl.callbacks.router_stats import RouterStats
 
-__all__ = ["HFExport", "RouterStats"]
+__all__ = ["EmbeddingEval", "HFExport", "RouterStats"]

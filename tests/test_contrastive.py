@@ -48,6 +48,9 @@ def test_fit_trains_logs_and_exports(fitted):
     losses = [float(r["train/loss"]) for r in metrics if r.get("train/loss")]
     assert losses and all(np.isfinite(losses))
     assert any(r.get("val/loss") for r in metrics)
+    spearman = [(int(r["step"]), float(r["val/lee_spearman"])) for r in metrics if r.get("val/lee_spearman")]
+    assert spearman[0][0] == 0 and len(spearman) == 3  # before training, then at both validations
+    assert all(-1 <= s <= 1 for _, s in spearman)
 
 
 def test_export_cli_round_trip(fitted, tmp_path, capsys):
