@@ -85,7 +85,7 @@ def _batch(tokenizer, n=6, negatives=1):
     from bidirlm_pl import assets
 
     docs = assets.lee_background()[:n * (2 + negatives)]
-    rows = [{"anchor": docs[i][:200], "positive": docs[n + i][:200],
+    rows = [{"anchor": docs[i][:40 + 25 * i], "positive": docs[n + i][:200],
              "negatives": [docs[2 * n + i * negatives + k][:200] for k in range(negatives)]} for i in range(n)]
     return PairCollator(tokenizer, max_length=48)(rows, "Represent: ")
 
@@ -141,3 +141,24 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_qwen3):
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_varlen_backend_packs_rows_and_matches_sdpa(tiny_qwen3):
+    """The flash path (packed rows, cumulative lengths) with a CPU stand-in kernel equals padded SDPA."""
+    from bidirlm_pl import attention
+    from bidirlm_pl.encoder import Encoder
+
+    backend = attention.register_varlen_backend("reference", attention.reference_varlen)
+    out = []
+    for impl in ("sdpa", backend):
+        torch.manual_seed(0)
+        stage = ContrastiveStage(str(tiny_qwen3), attn_implementation=impl)
+        stage.configure_model()
+        stage.eval()
+        group = _batch(stage.tokenizer)["query"]
+        assert group["attention_mask"].min() == 0  # really padded
+        out.append(stage.embed(group))
+        enc = Encoder(stage.backbone, stage.tokenizer, stage.pooler)
+        out.append(torch.from_numpy(enc.encode(["a short one", "a somewhat longer text than that one"])))
+    assert torch.allclose(out[0], out[2], atol=1e-5)
+    assert torch.allclose(out[1], out[3], atol=1e-5)

@@ -16,11 +16,21 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from bidirlm_pl import attention
 from bidirlm_pl.backbone import LoraSpec
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.losses import GradCache, InfoNCE
 from bidirlm_pl.pooling import Pooling
 from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
+
+
+def pack_padded(input_ids_BT: torch.Tensor, mask_BT: torch.Tensor, pool_BT: torch.Tensor) -> dict:
+    """One packed row (1, N) of the real tokens of a right-padded batch: ids, positions, seq_ids, pool mask."""
+    keep = mask_BT.bool()
+    rows_BT = torch.arange(mask_BT.shape[0], device=mask_BT.device)[:, None].expand_as(mask_BT)
+    positions_BT = torch.cumsum(mask_BT, dim=1) - 1
+    return {"input_ids": input_ids_BT[keep][None], "position_ids": positions_BT[keep][None],
+            "seq_ids": rows_BT[keep][None], "pool_mask": pool_BT[keep][None]}
 
 
 def set_attention_dropout(model: torch.nn.Module, p: float) -> int:
@@ -114,9 +124,18 @@ class ContrastiveStage(BackboneStage):
             self.pooler.to(next(self.backbone.parameters()).device)
 
     def embed(self, group: dict) -> torch.Tensor:
-        """Pooled embeddings (B, D) of one padded group (``input_ids``, ``attention_mask``, ``pool_mask``)."""
-        hidden_BTD = self.hidden_states({"input_ids": group["input_ids"], "attention_mask": group["attention_mask"]})
-        return self.pooler(hidden_BTD, group.get("pool_mask", group["attention_mask"])).float()
+        """Pooled embeddings (B, D) of one padded group (``input_ids``, ``attention_mask``, ``pool_mask``).
+
+        On varlen (flash) backends the padded rows are first packed into one row without padding.
+        """
+        mask_BT = group["attention_mask"]
+        pool_BT = group.get("pool_mask", mask_BT)
+        if attention.uses_varlen(self.backbone.config):
+            packed = pack_padded(group["input_ids"], mask_BT, pool_BT)
+            hidden_1ND = self.hidden_states(packed)
+            return self.pooler(hidden_1ND, packed["pool_mask"], packed["seq_ids"]).float()
+        hidden_BTD = self.hidden_states({"input_ids": group["input_ids"], "attention_mask": mask_BT})
+        return self.pooler(hidden_BTD, pool_BT).float()
 
     # ------------------------------------------------------------------ steps
     def batch_size_of(self, batch: dict) -> int:
