@@ -36,6 +36,7 @@ def test_batches_follow_the_convention():
     batch = next(dm.train_batches())
     assert set(_strip(batch)) == {"input_ids", "position_ids", "seq_ids", "labels"}
     assert all(v.shape == (3, 48) for v in _strip(batch).values())
+    assert (batch["seq_ids"] >= 0).all()  # training rows are full: no padding (flash varlen can take them)
     masked = batch["labels"] != IGNORE_INDEX
     assert (batch["input_ids"][masked] == dm.tokenizer.mask_token_id).all()
     assert not (masked & (batch["position_ids"] == 0)).any()

@@ -7,6 +7,10 @@ the state *after* the batch the trainer actually consumed is what :meth:`TextDat
 returns (Lightning stores it in checkpoints), so resuming mid-epoch continues with exactly the next
 batches of the uninterrupted run, whatever the loader prefetched. With several processes the stream
 is produced in rounds of ``world_size`` batches and rank ``r`` trains on the ``r``-th of each round.
+With ``split_documents`` (the default) every training row is full (no padding): a document that does
+not fit is continued in the next row as its own segment, and a one-token remainder of a row holds a
+one-token segment (never masked, never a target), so ``flash_attention_2`` (varlen, batch size 1,
+no padding) can train on it.
 
 Validation uses ``val_sources`` if given, else a seeded ``val_fraction`` of every random-access
 source (held out of training), packed and masked once with a fixed seed.
@@ -244,7 +248,8 @@ class TextDataModule(L.LightningDataModule):
         self.prepare()
         world, rank = self._world()
         mixture = Mixture(self._train_sources, seed=self.seed)
-        packer = Packer(self.max_length, split_documents=self.split_documents)
+        # min_segment=1: a row never ends with padding when documents split (flash varlen needs full rows)
+        packer = Packer(self.max_length, split_documents=self.split_documents, min_segment=1)
         pending: list[PackedRow] = []
         rounds = 0
         if state is not None:
@@ -280,7 +285,7 @@ class TextDataModule(L.LightningDataModule):
             return []
         rows: list[PackedRow] = []
         limit = self.val_max_batches * self.batch_size
-        packer = Packer(self.max_length, split_documents=self.split_documents)
+        packer = Packer(self.max_length, split_documents=self.split_documents, min_segment=1)
         for source in sources:
             for doc in source:
                 if len(rows) >= limit:
@@ -288,7 +293,8 @@ class TextDataModule(L.LightningDataModule):
                 ids = self.tokenize(doc) if doc.strip() else []
                 if len(ids) >= 2:
                     rows.extend(packer.add(ids))
-        rows.extend(packer.flush())
+        if not rows:  # keep a partial row only when it is all there is (varlen backends want full rows)
+            rows.extend(packer.flush())
         rows = rows[:limit]
         batches = []
         for i in range(0, len(rows), self.batch_size):

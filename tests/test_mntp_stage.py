@@ -1,0 +1,65 @@
+"""MNTPStage end to end: `bidirlm fit --config configs/mntp/tiny.yaml` trains, logs, exports a bidirectional folder."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bidirlm_pl import attention, load_backbone
+from bidirlm_pl.cli import main
+
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "mntp" / "tiny.yaml")
+
+
+def test_fit_tiny_exports_a_bidirectional_folder_that_reloads(tmp_path, monkeypatch, tiny_qwen3):
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", TINY, "--trainer.max_steps", "6", "--trainer.val_check_interval", "3"])
+    assert code == 0
+    run = next(Path("runs/mntp-tiny").glob("**/metrics.csv")).parent
+    export = run / "hf"
+    config = json.loads((export / "config.json").read_text())
+    assert config["is_causal"] is False
+    model, tokenizer = load_backbone(export, bidirectional=True)
+    assert attention.is_bidirectional(model) and tokenizer.mask_token == "<mask>"
+    # the exported weights are the trained ones: equal to the last checkpoint, different from the start
+    ckpt = torch.load(next((run / "checkpoints").glob("*.ckpt")), weights_only=False)
+    name = "model.layers.0.mlp.up_proj.weight"
+    trained = ckpt["state_dict"][f"backbone.{name}"]
+    start, _ = load_backbone(tiny_qwen3)
+    assert torch.equal(model.state_dict()[name], trained)
+    assert not torch.equal(start.state_dict()[name], trained)
+    # the data stream's resume state and the logged metrics
+    assert ckpt["TextDataModule"]["train"]["rounds"] == 6
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    logged = {k for r in rows for k, v in r.items() if v}
+    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "throughput/tokens_per_sec",
+            "throughput/samples_per_sec", "data/lee/documents", "data/lee50/tokens"} <= logged
+    assert (run / "config.yaml").exists()
+
+
+@pytest.mark.xfail(reason="bidirlm_pl/trainable.py classifies 'self_attn.q_proj.lora_A' as attention before lora, "
+                          "so trainable [lora] selects nothing (foundation bug, reported)", strict=False)
+def test_lora_fit_merges_adapters_on_export(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", TINY, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                 "--model.init_args.lora", "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"])
+    assert code == 0
+    export = next(Path("runs/mntp-tiny").glob("**/hf"))
+    state = load_backbone(export)[0].state_dict()
+    assert not any("lora" in k for k in state)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data.init_args.max_length", "4096"], "max_length 4096 exceeds the model's limit 256"),
+    (["--data.init_args.sources", "[{name: x, path: /nonexistent/x.txt}]"], "path '/nonexistent/x.txt' does not"),
+    (["--data.init_args.sources", "[{name: x, kind: lee, weight: -1}]"], "mixture weight of source 'x' is -1.0"),
+    (["--model.init_args.loss_chunk_size", "0"], "loss_chunk_size 0 must be a positive"),
+])
+def test_cli_bad_input_is_one_line_before_training(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", TINY, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("bidirlm: error: ") and message in err[-1], err[-3:]
+    assert not Path("runs").exists()  # nothing written
