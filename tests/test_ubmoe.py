@@ -207,3 +207,25 @@ def test_bad_options_are_one_line_errors(tiny_qwen3, call, match):
 def test_load_ubmoe_refuses_a_plain_folder(tiny_qwen3):
     with pytest.raises(BidirLMError, match="is not a UBMoE folder"):
         moe.load_ubmoe(tiny_qwen3)
+
+
+@torch.no_grad()
+def test_packed_perplexity_equals_per_document_loss_and_forced0_matches_original(tiny_qwen3):
+    from bidirlm_pl import assets
+    from bidirlm_pl.moe.data import tokenize_documents
+    from bidirlm_pl.moe.evaluate import causal_perplexity
+
+    model, tok = load_backbone(tiny_qwen3, bidirectional=True)  # perplexity must run causally anyway
+    texts = [t[:120] for t in assets.lee_background()[:5]]
+    total, count = 0.0, 0
+    for ids in tokenize_documents(tok, texts):
+        ids_1T = torch.tensor([ids])
+        logits = model(input_ids=ids_1T, is_causal=True).logits[0, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits, ids_1T[0, 1:], reduction="sum"))
+        count += len(ids) - 1
+    expected = float(torch.tensor(total / count).exp())
+    ppl = causal_perplexity(model, tok, texts, max_length=512)  # all documents fit in one row
+    assert abs(ppl - expected) <= 1e-4 * expected
+    moe.convert_to_ubmoe(model, routing="forced0")
+    _perturb_expert1(model)
+    assert causal_perplexity(model, tok, texts, max_length=512) == pytest.approx(ppl, rel=1e-6)

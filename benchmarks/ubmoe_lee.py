@@ -1,0 +1,80 @@
+"""UBMoE on the Lee corpus: causal perplexity on held-out text and Lee similarity Spearman, per variant.
+
+Variants, all measured in the same run on the same text:
+
+* ``original``      — the base model (Gemma3-270M or a tiny model).
+* ``bi-FFN``        — the bidirectionally fine-tuned FFNs alone (UBMoE routed ``forced1``), used causally.
+* ``UBMoE``         — learned routing (the folder's ``generate`` routing, e.g. soft) for generation;
+                      the ``embed`` routing (default ``forced1``) for embeddings.
+* ``UBMoE top1``    — the same routers with top-1 dispatch (each token through one expert only).
+
+Perplexity: the last ``--holdout`` Lee background documents (never seen in training), packed into
+``--max-length`` rows, causal attention. Spearman: the 50 Lee documents, bidirectional attention,
+mean pooling, cosine over the 1225 pairs vs the human ratings. Ratios are against ``original``.
+
+    python benchmarks/ubmoe_lee.py --original gemma3-270m --ubmoe /work/runs/ubmoe/gemma3-270m/stage2/hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from bidirlm_pl import load_backbone, moe
+from bidirlm_pl.moe.data import split_documents
+from bidirlm_pl.moe.evaluate import causal_perplexity, lee_spearman
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--original", default="gemma3-270m")
+    parser.add_argument("--ubmoe", required=True, help="a UBMoE folder (stage-2 output)")
+    parser.add_argument("--holdout", type=int, default=30)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--embed-length", type=int, default=512)
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    held_out = split_documents(None, args.holdout)[1]
+    rows = {}
+
+    def measure(name, model, tok, routing_generate, routing_embed):
+        t0 = time.time()
+        if moe.is_ubmoe(model):
+            moe.set_routing(model, routing_generate)
+        ppl = causal_perplexity(model, tok, held_out, max_length=args.max_length)
+        if moe.is_ubmoe(model):
+            moe.set_routing(model, routing_embed)
+        rho = lee_spearman(model, tok, max_length=args.embed_length)
+        rows[name] = {"perplexity": ppl, "spearman": rho, "generate_routing": routing_generate,
+                      "embed_routing": routing_embed}
+        print(f"  measured {name} in {time.time() - t0:.0f}s", flush=True)
+
+    original, tok = load_backbone(args.original, bidirectional=False)
+    measure("original", original, tok, None, None)
+    del original
+    model, tok = moe.load_ubmoe(args.ubmoe, bidirectional=False)
+    spec = moe.spec_of(model)
+    measure("bi-FFN (forced1)", model, tok, "forced1", "forced1")
+    measure("UBMoE (learned)", model, tok, spec.mode_routing["generate"], spec.mode_routing["embed"])
+    measure("UBMoE top1", model, tok, "top1", spec.mode_routing["embed"])
+    measure("UBMoE forced0", model, tok, "forced0", "forced0")
+    base = rows["original"]
+    print(f"\nheld-out Lee perplexity ({len(held_out)} docs, causal) and Lee Spearman (50 docs, bidirectional mean)")
+    print(f"{'variant':<20} {'gen routing':<12} {'perplexity':>11} {'ppl/orig':>9} {'emb routing':<12} "
+          f"{'spearman':>9} {'rho-orig':>9}")
+    for name, r in rows.items():
+        print(f"{name:<20} {str(r['generate_routing']):<12} {r['perplexity']:>11.3f} "
+              f"{r['perplexity'] / base['perplexity']:>9.3f} {str(r['embed_routing']):<12} "
+              f"{r['spearman']:>9.4f} {r['spearman'] - base['spearman']:>+9.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
