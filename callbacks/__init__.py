@@ -3,5 +3,6 @@
 from bidirlm_pl.callbacks.embedding_eval import EmbeddingEval
 from bidirlm_pl.callbacks.export import HFExport
 from bidirlm_pl.callbacks.router_stats import RouterStats
+from bidirlm_pl.callbacks.throughput import Throughput
 
-__all__ = ["EmbeddingEval", "HFExport", "RouterStats"]
+__all__ = ["EmbeddingEval", "HFExport", "RouterStats", "Throughput"]

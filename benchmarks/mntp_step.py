@@ -1,0 +1,156 @@
+"""One MNTP optimizer step on the real Gemma3-270M: sparse-vocabulary loss (this stage) vs full logits.
+
+Both variants run the same packed, masked 4 x 128 batch from the Lee corpus (30% all-mask), the same
+bidirectional sdpa backbone in fp32, every weight trainable, AdamW; a step is forward + backward +
+optimizer step + zero_grad. The reference computes logits at every position (LLM2Vec) and a shifted
+cross-entropy over the masked ones; this stage gathers only the hidden states that predict a masked
+token and projects those (``bidirlm_pl.mntp_loss``).
+
+Time: one process, one warm-up step each, then ``--repeats`` alternating pairs; the ratio of medians.
+Memory: each variant runs in its own fresh subprocess; a thread samples the resident set size
+(/proc/self/statm) every millisecond; the step's memory is peak RSS during the first step minus RSS
+just before it (weights loaded, optimizer built; both variants then allocate the same AdamW state and
+gradients, so the difference is the logits and their backward). Fresh processes avoid the allocator
+keeping freed pages of an earlier step. Reported: peak step memory of each variant and their ratio.
+
+    flock /tmp/bidirlm-heavy.lock python benchmarks/mntp_step.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Sample RSS in a background thread; ``peak`` is the maximum seen while active."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def __enter__(self):
+        self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def build(args):
+    from bidirlm_pl.data.masking import MaskSpec
+    from bidirlm_pl.data.sources import SourceSpec
+    from bidirlm_pl.data.text_module import STATE_KEY, TextDataModule
+    from bidirlm_pl.stages.mntp import MNTPStage
+
+    torch.manual_seed(0)
+    stage = MNTPStage(args.model, attn_implementation="sdpa", dtype="float32", loss_chunk_size=args.chunk)
+    stage.configure_model()
+    dm = TextDataModule(args.model, sources=[SourceSpec("lee", kind="lee")], max_length=args.length,
+                        batch_size=args.batch, val_fraction=0.0, mask=MaskSpec(ratio=0.3), check_documents=10)
+    batch = next(dm.train_batches())
+    batch.pop(STATE_KEY)
+    optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=1e-5)
+    return stage, batch, optimizer
+
+
+def step_fn(stage, batch, optimizer, variant: str):
+    from bidirlm_pl.mntp_loss import full_logits_mntp_loss
+
+    def run():
+        if variant == "sparse":
+            loss = stage.step(batch)["loss"]
+        else:
+            logits_BTV = stage.backbone(**stage.model_kwargs(batch)).logits
+            loss = full_logits_mntp_loss(logits_BTV, batch["labels"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return run
+
+
+def memory_child(args) -> None:
+    stage, batch, optimizer = build(args)
+    run = step_fn(stage, batch, optimizer, args.memory_child)
+    before = rss_bytes()
+    with PeakRSS() as peak:
+        loss = run()
+    print(json.dumps({"variant": args.memory_child, "before": before, "peak": peak.peak, "loss": loss}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chunk", type=int, default=None, help="loss_chunk_size of the sparse variant")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-child", choices=["sparse", "full"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args)
+
+    stage, batch, optimizer = build(args)
+    n_masked = int((batch["labels"] != -100).sum())
+    print(f"model {args.model}, batch {args.batch} x {args.length}, masked tokens {n_masked}, "
+          f"vocab {stage.backbone.config.vocab_size}, threads {args.threads}, fp32, chunk {args.chunk}")
+    runs = {v: step_fn(stage, batch, optimizer, v) for v in ("sparse", "full")}
+    for v in runs:  # warm-up
+        runs[v]()
+    times = {"sparse": [], "full": []}
+    for i in range(args.repeats):
+        for v in (("sparse", "full") if i % 2 == 0 else ("full", "sparse")):
+            start = time.perf_counter()
+            runs[v]()
+            times[v].append(time.perf_counter() - start)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    for v in times:
+        print(f"{v:6s} step: median {med[v]:.3f} s  (runs: {', '.join(f'{t:.2f}' for t in times[v])})")
+    print(f"time ratio full / sparse: {med['full'] / med['sparse']:.2f}x")
+    del stage, batch, optimizer, runs
+
+    mem = {}
+    for v in ("sparse", "full"):
+        cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--length",
+               str(args.length), "--threads", str(args.threads), "--memory-child", v]
+        if args.chunk:
+            cmd += ["--chunk", str(args.chunk)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        mem[v] = json.loads(out)
+        step_mb = (mem[v]["peak"] - mem[v]["before"]) / 2**20
+        print(f"{v:6s} first step: RSS before {mem[v]['before'] / 2**20:.0f} MiB, peak {mem[v]['peak'] / 2**20:.0f} MiB, "
+              f"step memory {step_mb:.0f} MiB, loss {mem[v]['loss']:.4f}")
+    step = {v: mem[v]["peak"] - mem[v]["before"] for v in mem}
+    print(f"peak step memory ratio full / sparse: {step['full'] / step['sparse']:.2f}x; "
+          f"peak RSS ratio: {mem['full']['peak'] / mem['sparse']['peak']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
