@@ -30,6 +30,7 @@ TOOLS: dict[str, tuple[str, str]] = {
 
 
 def _lightning_cli(argv: list[str] | None):
+    from jsonargparse import Namespace
     from lightning.pytorch.cli import LightningCLI
 
     import lightning as L
@@ -40,6 +41,16 @@ def _lightning_cli(argv: list[str] | None):
             # every DataModule takes the tokenizer of the model it feeds
             parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
 
+        def before_instantiate_classes(self):
+            # default logging: CSV and TensorBoard side by side under the run's default_root_dir
+            trainer = self.config[self.subcommand]["trainer"] if self.subcommand else self.config["trainer"]
+            if trainer.get("logger") in (None, True):
+                root = trainer.get("default_root_dir") or "runs"
+                trainer["logger"] = [
+                    Namespace(class_path=f"lightning.pytorch.loggers.{cls}", init_args=Namespace(save_dir=root, name=name))
+                    for cls, name in (("CSVLogger", "csv"), ("TensorBoardLogger", "tensorboard"))
+                ]
+
     return BidirLMCLI(
         BackboneStage,
         L.LightningDataModule,
@@ -49,12 +60,6 @@ def _lightning_cli(argv: list[str] | None):
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        trainer_defaults={
-            "logger": [
-                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
-                {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
-            ],
-        },
     )
 
 

@@ -57,14 +57,16 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_hf_folder(model, tokenizer, target: str | Path, *, overwrite: bool = True, extra=None) -> Path:
+def save_hf_folder(model, tokenizer, target: str | Path, *, overwrite: bool = True, extra=None,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save a (possibly LoRA-wrapped) transformers model and its tokenizer as a plain HF folder.
 
-    ``extra(staging_path)`` may add files (e.g. Sentence-Transformers modules) before the rename.
+    ``extra(staging_path)`` may add files (e.g. Sentence-Transformers modules) before the rename;
+    ``state_dict`` overrides the weights (e.g. gathered from FSDP shards).
     """
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     with atomic_folder(target, overwrite=overwrite) as staging:
-        base.save_pretrained(staging, state_dict=plain_state_dict(model))
+        base.save_pretrained(staging, state_dict=state_dict if state_dict is not None else plain_state_dict(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if extra is not None:

@@ -27,9 +27,8 @@ class HFExport(L.Callback):
 
     def _export(self, trainer, pl_module, target: Path) -> None:
         # every rank takes part (sharded parameters are gathered), rank 0 writes
-        if trainer.is_global_zero:
-            pl_module.export_hf(target)
-            rank_zero_info(f"exported Hugging Face folder: {target}")
+        pl_module.export_hf(target)
+        rank_zero_info(f"exported Hugging Face folder: {target}")
         trainer.strategy.barrier("hf_export")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -131,6 +131,20 @@ class BackboneStage(L.LightningModule):
         self.trainable_counts = apply_trainable(self.backbone, self.trainable)
         if self.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.device_mesh is not None:  # ModelParallelStrategy: shard after the model is finished
+            self.parallelize(self.device_mesh)
+
+    def parallelize(self, device_mesh) -> None:
+        """FSDP2: shard every decoder layer, then the root, over the data-parallel mesh dimension."""
+        from torch.distributed.fsdp import fully_shard
+
+        if self.lora is not None:
+            raise BidirLMError("LoRA with ModelParallelStrategy (FSDP2) is not supported; use DDP for LoRA")
+        mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+        decoder = self.backbone.get_decoder() if hasattr(self.backbone, "get_decoder") else self.backbone
+        for layer in decoder.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.backbone, mesh=mesh)
 
     def model_kwargs(self, batch: dict, *, bidirectional: bool | None = None) -> dict:
         """Keyword arguments for the backbone call: ids, positions, and the packing-aware mask."""
@@ -147,8 +161,13 @@ class BackboneStage(L.LightningModule):
 
     def hidden_states(self, batch: dict, *, bidirectional: bool | None = None) -> torch.Tensor:
         """Last hidden states (B, T, D) of the decoder, before any output layer."""
+        kwargs = self.model_kwargs(batch, bidirectional=bidirectional)
+        if self.device_mesh is not None and self.backbone.get_output_embeddings() is not None:
+            # FSDP2 gathers the root's parameters (embeddings) only when the root module runs
+            out = self.backbone(**kwargs, output_hidden_states=True, logits_to_keep=1)
+            return out.hidden_states[-1]
         decoder = self.backbone.get_decoder() if hasattr(self.backbone, "get_decoder") else self.backbone
-        return decoder(**self.model_kwargs(batch, bidirectional=bidirectional)).last_hidden_state
+        return decoder(**kwargs).last_hidden_state
 
     # ------------------------------------------------------------------ steps
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -189,6 +208,24 @@ class BackboneStage(L.LightningModule):
     def export_extra(self, folder: Path) -> None:
         """Hook: add files to an export folder before it is renamed into place (pooling config...)."""
 
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Unsharded backbone weights (LoRA merged). Collective under FSDP2: call it on every rank."""
+        if self.device_mesh is None:
+            return None  # save_hf_folder reads the model directly
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # a tied output layer is one parameter: keep its first name only, as save_pretrained does
+        keep = {name for name, _ in self.backbone.named_parameters()} | {n for n, _ in self.backbone.named_buffers()}
+        return {name: tensor for name, tensor in state.items() if name in keep}
+
     def export_hf(self, target: str | Path, *, overwrite: bool = True) -> Path:
-        """Write the trained backbone (LoRA merged) and tokenizer as a plain HF folder, atomically."""
-        return save_hf_folder(self.backbone, self.tokenizer, target, overwrite=overwrite, extra=self.export_extra)
+        """Write the trained backbone (LoRA merged) and tokenizer as a plain HF folder, atomically.
+
+        Call it on every rank: sharded weights are gathered collectively, rank 0 writes.
+        """
+        state = self.full_state_dict()
+        if self._trainer is None or self.trainer.is_global_zero:
+            save_hf_folder(self.backbone, self.tokenizer, target, overwrite=overwrite, extra=self.export_extra,
+                           state_dict=state)
+        return Path(target)
