@@ -63,3 +63,20 @@ def test_cli_bad_input_is_one_line_before_training(args, message, tmp_path, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("bidirlm: error: ") and message in err[-1], err[-3:]
     assert not Path("runs").exists()  # nothing written
+
+
+def test_throughput_flops_estimate_counts_only_masked_outputs(tiny_qwen3):
+    from bidirlm_pl.callbacks.throughput import batch_tokens, training_flops
+
+    model, _ = load_backbone(tiny_qwen3)
+    c = model.config
+    seq_ids = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    batch = {"input_ids": torch.ones(1, 6, dtype=torch.long), "seq_ids": seq_ids,
+             "labels": torch.tensor([[-100, 5, -100, -100, 7, -100]])}
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    d_attn = c.num_attention_heads * c.head_dim
+    expected = 6 * body * 5 + 12 * c.num_hidden_layers * d_attn * (3 ** 2 + 2 ** 2) + 6 * c.vocab_size * c.hidden_size * 2
+    assert batch_tokens(batch) == 5
+    assert training_flops(model, batch) == pytest.approx(expected)
+    dense = dict(batch, labels=None)
+    assert training_flops(model, dense) - training_flops(model, batch) == pytest.approx(6 * c.vocab_size * c.hidden_size * 3)
