@@ -123,6 +123,15 @@ class ContrastiveStage(BackboneStage):
         if self.pooler.latent is not None:
             self.pooler.to(next(self.backbone.parameters()).device)
 
+    def setup(self, stage: str) -> None:
+        # GradCache replays chunk forwards inside backward, which DDP's gradient reducer does not see as
+        # one backward pass: ranks would silently end up with different gradients. Refuse it up front.
+        if self.gradcache is not None and self.trainer is not None and self.trainer.world_size > 1:
+            raise BidirLMError(
+                f"gradcache_chunk_size {self.gradcache.chunk_size} is not supported with {self.trainer.world_size} "
+                "processes yet; set it to null (and use gather_across_devices for a large global batch)"
+            )
+
     def embed(self, group: dict) -> torch.Tensor:
         """Pooled embeddings (B, D) of one padded group (``input_ids``, ``attention_mask``, ``pool_mask``).
 
