@@ -186,6 +186,8 @@ def _from_datasets(spec: SourceSpec, dataset) -> TextSource:
             raise BidirLMError(f"source '{spec.name}': split '{spec.split}' is not one of {sorted(dataset)}")
         dataset = dataset[spec.split]
     _check_field(spec, dataset.column_names)
+    if dataset.column_names is not None and len(dataset.column_names) > 1:
+        dataset = dataset.select_columns([spec.text_field])  # decode only the text column per row
     if isinstance(dataset, datasets.Dataset):
         return TextSource(spec, docs=_Column(dataset, spec.text_field))
 
