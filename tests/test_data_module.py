@@ -182,3 +182,21 @@ def test_short_documents_can_be_skipped(tmp_path):
     dm = _dm(sources=[SourceSpec("short", path=str(tmp_path / "short.txt"))], short_documents="skip", val_fraction=0)
     batch = next(dm.train_batches())
     assert (batch["seq_ids"] >= 0).any()
+
+
+def test_ranks_split_each_round_of_the_single_process_stream(monkeypatch):
+    def originals(batch):
+        return torch.where(batch["labels"] != IGNORE_INDEX, batch["labels"], batch["input_ids"])
+
+    single = list(itertools.islice(_dm(batch_size=6).train_batches(), 3))
+    per_rank = []
+    for rank in (0, 1):
+        dm = _dm(batch_size=3)
+        monkeypatch.setattr(dm, "_world", lambda r=rank: (2, r))
+        per_rank.append(list(itertools.islice(dm.train_batches(), 3)))
+    for step in range(3):
+        joined = torch.cat([originals(per_rank[0][step]), originals(per_rank[1][step])])
+        assert torch.equal(joined, originals(single[step]))
+        # both ranks carry the same resume state (Lightning saves rank 0's)
+        assert per_rank[0][step][STATE_KEY]["mixture"] == per_rank[1][step][STATE_KEY]["mixture"]
+    assert not torch.equal(per_rank[0][0]["labels"] != IGNORE_INDEX, per_rank[1][0]["labels"] != IGNORE_INDEX)
