@@ -5,9 +5,9 @@ saved or cached ``datasets``) and hold out the last ``holdout`` documents of the
 validation, so a later evaluation can use exactly the same held-out text (:func:`split_documents`).
 
 Stage 1 batches: ``{"query": {input_ids, attention_mask}, "positive": {...}}`` (right padding).
-Unsupervised SimCSE (``pairs: null``) uses each document as its own positive: the two forward
-passes differ by dropout noise only. ``pairs`` names a JSONL file with ``query_field`` and
-``positive_field`` per line (supervised pairs).
+Unsupervised SimCSE uses each document as its own positive: the two forward passes differ by
+dropout noise only. For supervised pairs (JSONL, parquet, datasets; hard negatives; mixtures) stage 1
+takes the contrastive stage's ``bidirlm_pl.data.pairs.PairsDataModule`` unchanged (same batches).
 
 Stage 2 batches: packed rows ``{input_ids, position_ids, seq_ids}`` (see ``bidirlm_pl.data.packing``).
 
@@ -18,9 +18,7 @@ torch.Size([2, 64])
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -56,29 +54,12 @@ def load_tokenizer(tokenizer: str | None):
     return tok
 
 
-def read_pairs(path: str, query_field: str, positive_field: str) -> list[tuple[str, str]]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise BidirLMError(f"pairs file '{path}' does not exist; expected a JSONL file of query/positive pairs")
-    pairs = []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if query_field not in row or positive_field not in row:
-            raise BidirLMError(f"pairs file '{path}' line {n} lacks '{query_field}' or '{positive_field}'")
-        pairs.append((str(row[query_field]), str(row[positive_field])))
-    return pairs
-
-
 class UBMoEPairsData(L.LightningDataModule):
-    """Stage-1 contrastive data: unsupervised SimCSE on documents, or supervised pairs from JSONL.
+    """Stage-1 contrastive data: unsupervised SimCSE on documents, with a held-out tail for validation.
 
     Args:
         tokenizer: model folder or asset (linked to the model by the CLI).
-        source: documents for SimCSE (default: the Lee background corpus).
-        pairs: JSONL file of pairs (then ``source`` is only used for validation SimCSE).
-        query_field, positive_field: keys of a pair.
+        source: documents (default: the Lee background corpus).
         holdout: last documents of ``source`` kept for validation.
         max_length: truncation length; batch_size: pairs per batch; seed: shuffling seed.
     """
@@ -87,9 +68,6 @@ class UBMoEPairsData(L.LightningDataModule):
         self,
         tokenizer: str | None = None,
         source: SourceSpec | None = None,
-        pairs: str | None = None,
-        query_field: str = "query",
-        positive_field: str = "positive",
         holdout: int = 30,
         max_length: int = 128,
         batch_size: int = 8,
@@ -99,8 +77,7 @@ class UBMoEPairsData(L.LightningDataModule):
         super().__init__()
         if batch_size < 2:
             raise BidirLMError(f"batch_size {batch_size} must be >= 2: InfoNCE needs in-batch negatives")
-        self.tokenizer_name, self.source, self.pairs_path = tokenizer, source, pairs
-        self.query_field, self.positive_field = query_field, positive_field
+        self.tokenizer_name, self.source = tokenizer, source
         self.holdout, self.max_length, self.batch_size = holdout, max_length, batch_size
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer = None
@@ -110,10 +87,7 @@ class UBMoEPairsData(L.LightningDataModule):
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         train_docs, val_docs = split_documents(self.source, self.holdout)
-        if self.pairs_path is not None:
-            self.train_pairs = read_pairs(self.pairs_path, self.query_field, self.positive_field)
-        else:
-            self.train_pairs = [(d, d) for d in train_docs]
+        self.train_pairs = [(d, d) for d in train_docs]
         self.val_pairs = [(d, d) for d in val_docs]
         if len(self.train_pairs) < self.batch_size:
             raise BidirLMError(f"{len(self.train_pairs)} training pairs are fewer than batch_size {self.batch_size}")

@@ -2,7 +2,8 @@
 
 * :class:`UBMoEStage1` — only expert 1 (the FFN copies) trains, bidirectional attention, InfoNCE
   (temperature 0.05) on mean-pooled states: unsupervised SimCSE (each text twice, attention dropout
-  as noise) or supervised pairs. Expert 1 is used for every token (routing ``forced1``), so the
+  as noise; :class:`bidirlm_pl.moe.UBMoEPairsData`) or supervised pairs with optional hard negatives
+  (the contrastive stage's :class:`bidirlm_pl.data.pairs.PairsDataModule`: same batch format). Expert 1 is used for every token (routing ``forced1``), so the
   stage-1 model is exactly the original model with its FFNs fine-tuned.
 * :class:`UBMoEStage2` — only the routers train, causal attention, next-token loss on text, with
   ``soft`` or ``top1`` routing (both pass a gradient to the router), plus an optional
@@ -166,16 +167,20 @@ class UBMoEStage1(_UBMoEStage):
         return model, tokenizer
 
     def embed(self, encoded: dict) -> torch.Tensor:
-        """Mean-pooled bidirectional states (B, D) of a padded batch."""
+        """Mean-pooled bidirectional states (B, D) of a padded group (``pool_mask`` excludes instructions)."""
         from bidirlm_pl.pooling import mean_pool
 
         hidden_BTD = self.hidden_states(encoded, bidirectional=True)
-        return mean_pool(hidden_BTD, encoded["attention_mask"])
+        return mean_pool(hidden_BTD, encoded.get("pool_mask", encoded["attention_mask"]))
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
         query_BD = self.embed(batch["query"])
         positive_BD = self.embed(batch["positive"])
-        loss = self.loss_fn.compute_loss(query_BD, positive_BD)
+        n = int(batch.get("n_negatives", 0))
+        negatives_BND = None
+        if n and batch.get("negatives") is not None:
+            negatives_BND = self.embed(batch["negatives"]).view(query_BD.shape[0], n, -1)
+        loss = self.loss_fn.compute_loss(query_BD, positive_BD, negatives_BND)
         with torch.no_grad():
             sim_BB = F.normalize(query_BD, dim=-1) @ F.normalize(positive_BD, dim=-1).T
             accuracy = (sim_BB.argmax(-1) == torch.arange(len(sim_BB), device=sim_BB.device)).float().mean()

@@ -70,6 +70,29 @@ def test_stage1_trains_only_expert1_and_equals_a_plain_model(tiny_path, tmp_path
         assert (mean_pool(hidden, batch["attention_mask"]) - ours).abs().max() <= 1e-5
 
 
+def test_stage1_takes_supervised_pairs_with_hard_negatives(tiny_qwen3, tmp_path):
+    """The contrastive stage's PairsDataModule (pairs + hard negatives + instruction) feeds stage 1 as is."""
+    import json
+
+    from bidirlm_pl.data.pairs import PairSource, PairsDataModule
+
+    docs = [d[:200] for d in __import__("bidirlm_pl.assets", fromlist=["x"]).lee_background()[:12]]
+    rows = [{"anchor": d[:80], "positive": d[80:], "negatives": [docs[(i + 1) % 12][80:]]} for i, d in enumerate(docs)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = PairsDataModule(tokenizer=str(tiny_qwen3), batch_size=4, max_length=32, sources=[PairSource(
+        name="p", mode="pairs", path=str(tmp_path / "pairs.jsonl"), num_negatives=1, query_instruction="Query: ")])
+    stage = UBMoEStage1(model=str(tiny_qwen3), optimizer=_sgd)
+    stage.configure_model()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    out = stage.step(batch)
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    before = _snapshot(stage)
+    _trainer(2).fit(stage, datamodule=data)
+    after = _snapshot(stage)
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {k for k in before if ".experts.1." in k}
+
+
 @pytest.mark.parametrize("routing", ["soft", "top1"])
 def test_stage2_router_gets_gradient_and_frozen_parameters_stay(stage1_folder, routing):
     stage = UBMoEStage2(model=str(stage1_folder), routing=routing, load_balance=0.01, optimizer=_sgd)
