@@ -24,6 +24,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "assets": ("bidirlm_pl.assets_cli", "prepare offline assets (real Gemma3-270M, tiny test models); print paths"),
     "merge": ("bidirlm_pl.merging.cli", "merge checkpoints (linear, slerp, task_arithmetic, ties), streaming"),
     "similarity": ("bidirlm_pl.merging.similarity_cli", "cosine similarity of two checkpoints, per tensor group"),
+    "compare": ("bidirlm_pl.evaluation.compare", "compare models: causal perplexity, Lee Spearman, continuations"),
     "run": ("bidirlm_pl.pipeline", "run a recipe: chain stage configs, skip finished stages"),
     "export": ("bidirlm_pl.export_cli", "export a Lightning checkpoint as an HF (+ Sentence-Transformers) folder"),
 }

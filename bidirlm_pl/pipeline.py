@@ -20,7 +20,9 @@ previous one stopped.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +90,15 @@ def run_stage(stage: Stage, out: Path, outputs: dict[str, str]) -> None:
         argv += ["--model.init_args.model", _substitute(stage.model, scope)]
     argv += [_substitute(str(a), scope) for a in stage.args]
     trained = cli.run_lightning(argv)
-    trained.model.export_hf(out)
+    from bidirlm_pl.callbacks import HFExport
+
+    exported = [cb.last_export for cb in trained.trainer.callbacks if isinstance(cb, HFExport) and cb.last_export]
+    if exported and exported[-1].is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.move(str(exported[-1]), str(out))  # the run already wrote its final export: move it
+    else:
+        trained.model.export_hf(out)
 
 
 def run_recipe(path: str | Path, *, output_dir: str | None = None, force: bool = False) -> dict[str, str]:

@@ -19,6 +19,7 @@ class HFExport(L.Callback):
     def __init__(self, dirpath: str | None = None, every_n_steps: int = 0):
         self.dirpath = dirpath
         self.every_n_steps = every_n_steps
+        self.last_export: Path | None = None
 
     def _root(self, trainer) -> Path:
         if self.dirpath is not None:
@@ -28,6 +29,7 @@ class HFExport(L.Callback):
     def _export(self, trainer, pl_module, target: Path) -> None:
         # every rank takes part (sharded parameters are gathered), rank 0 writes
         pl_module.export_hf(target)
+        self.last_export = Path(target)
         rank_zero_info(f"exported Hugging Face folder: {target}")
         trainer.strategy.barrier("hf_export")
 

@@ -1,0 +1,149 @@
+"""``bidirlm compare``: what each variant does to generation and to embeddings, on one scale.
+
+For every model folder (plain, MNTP-adapted, merged, contrastive, UBMoE): causal perplexity on
+held-out text (the 50 Lee documents, which no shipped training config uses), the Lee similarity
+Spearman with bidirectional and with causal attention (mean pooling), and a greedy continuation
+of a fixed prompt. Writes ``report.json`` and ``report.md`` atomically and prints the table.
+
+    bidirlm compare gemma3-270m runs/quickstart/mntp/hf runs/quickstart/contrastive/hf --output runs/compare
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+PROMPT = "The prime minister said on Tuesday that"
+
+
+@dataclass
+class Row:
+    name: str
+    path: str
+    perplexity: float
+    lee_spearman_bidirectional: float
+    lee_spearman_causal: float
+    continuation: str
+    seconds: float
+
+
+def load_any(path: str, *, attn_implementation: str = "sdpa"):
+    """A causal LM and tokenizer from a plain folder, an asset name or a UBMoE folder."""
+    from transformers import AutoConfig
+
+    from bidirlm_pl.backbone import load_backbone, resolve_model_path
+
+    folder = resolve_model_path(path)
+    if getattr(AutoConfig.from_pretrained(folder), "ubmoe", None) is not None:
+        from bidirlm_pl.moe.convert import load_ubmoe
+
+        return load_ubmoe(folder, attn_implementation=attn_implementation)
+    return load_backbone(folder, attn_implementation=attn_implementation, head="causal_lm")
+
+
+@torch.no_grad()
+def continuation(model, tokenizer, prompt: str = PROMPT, max_new_tokens: int = 16) -> str:
+    from bidirlm_pl.attention import is_bidirectional, set_bidirectional
+
+    was_bidirectional = is_bidirectional(model)
+    set_bidirectional(model, False)  # generation is causal
+    try:
+        batch = tokenizer([prompt], return_tensors="pt")
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    finally:
+        set_bidirectional(model, was_bidirectional)
+    return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate_model(path: str, name: str | None = None, *, max_length: int = 256, batch_size: int = 4) -> Row:
+    from bidirlm_pl import assets
+    from bidirlm_pl.evaluation.embedding import lee_spearman
+    from bidirlm_pl.moe.evaluate import _BidirectionalMeanEncoder, causal_perplexity
+
+    start = time.time()
+    model, tokenizer = load_any(path)
+    model.eval()
+    ppl = causal_perplexity(model, tokenizer, assets.lee_documents(), max_length=max_length, batch_size=batch_size)
+    bidi = lee_spearman(_BidirectionalMeanEncoder(model, tokenizer, max_length), batch_size=batch_size)
+    causal = lee_spearman(_CausalMeanEncoder(model, tokenizer, max_length), batch_size=batch_size)
+    text = continuation(model, tokenizer)
+    return Row(name or _display_name(path), str(path), ppl, bidi, causal, text, time.time() - start)
+
+
+def _display_name(path: str) -> str:
+    p = Path(str(path))
+    return p.parent.name if p.name == "hf" and p.parent.name else p.name
+
+
+class _CausalMeanEncoder:
+    def __init__(self, model, tokenizer, max_length):
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+
+    @torch.no_grad()
+    def encode(self, texts, batch_size: int = 8, **_):
+        from bidirlm_pl.pooling import mean_pool
+
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            hidden = decoder(**enc, is_causal=True).last_hidden_state
+            out.append(mean_pool(hidden, enc["attention_mask"]).float())
+        return torch.cat(out).numpy()
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| model | causal perplexity (Lee 50, lower is better) | Lee Spearman, bidirectional | "
+        "Lee Spearman, causal | greedy continuation |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        text = r.continuation.replace("|", "/").replace("\n", " ")
+        lines.append(f"| {r.name} | {r.perplexity:.2f} | {r.lee_spearman_bidirectional:.4f} | "
+                     f"{r.lee_spearman_causal:.4f} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(paths: list[str], names: list[str] | None = None, *, output: str | None = None,
+            max_length: int = 256, overwrite: bool = False) -> list[Row]:
+    from bidirlm_pl.backbone import resolve_model_path
+    from bidirlm_pl.errors import BidirLMError
+    from bidirlm_pl.export import atomic_folder
+
+    if names and len(names) != len(paths):
+        raise BidirLMError(f"--names has {len(names)} entries for {len(paths)} models; give one name per model")
+    for p in paths:
+        resolve_model_path(p)  # fail on a bad path before any slow evaluation
+    if output and Path(output).exists() and not overwrite:
+        raise BidirLMError(f"output folder '{output}' already exists; pass --overwrite to replace it")
+    rows = []
+    for i, p in enumerate(paths):
+        print(f"[{i + 1}/{len(paths)}] evaluating {p}", flush=True)
+        rows.append(evaluate_model(p, names[i] if names else None, max_length=max_length))
+    table = markdown(rows)
+    print(table)
+    if output:
+        with atomic_folder(output, overwrite=overwrite) as staging:
+            (staging / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+            (staging / "report.md").write_text(table)
+    return rows
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("models", nargs="+", help="model folders or asset names (plain, merged, UBMoE...)")
+    parser.add_argument("--names", nargs="+", help="a display name per model")
+    parser.add_argument("--output", help="folder for report.json and report.md")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per evaluation row")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def main(args) -> int:
+    compare(args.models, args.names, output=args.output, max_length=args.max_length, overwrite=args.overwrite)
+    return 0
