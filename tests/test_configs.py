@@ -7,7 +7,10 @@ import yaml
 
 from bidirlm_pl.cli import main
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))
+RECIPES = [p for p in ALL_YAML if p.parent.name == "recipes"]  # `bidirlm run` recipes, not fit configs
+CONFIGS = [p for p in ALL_YAML if p not in RECIPES]
 
 
 def test_configs_are_shipped():
@@ -26,3 +29,13 @@ def test_config_parses(path, capsys):
     source = yaml.safe_load(path.read_text())
     if "model" in source:  # a stage config (not a trainer fragment): its class was resolved
         assert printed["model"]["class_path"] == source["model"]["class_path"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses_and_names_existing_configs(path):
+    from bidirlm_pl.pipeline import load_recipe
+
+    _, stages = load_recipe(path)
+    for stage in stages:
+        if stage.fit:
+            assert (ROOT / stage.fit).is_file(), stage.fit
