@@ -77,3 +77,18 @@ def test_lora_wraps_and_merges_on_export(tiny_qwen3, tmp_path):
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
     assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+def test_sharded_safetensors_checkpoint_loads(tiny_qwen3, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    original.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_qwen3).save_pretrained(tmp_path / "sharded")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    model, _ = load_backbone(tmp_path / "sharded", bidirectional=False)
+    ids = torch.randint(5, 100, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, original(input_ids=ids).logits)
