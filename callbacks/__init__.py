@@ -2,7 +2,8 @@
 
 from bidirlm_pl.callbacks.embedding_eval import EmbeddingEval
 from bidirlm_pl.callbacks.export import HFExport
+from bidirlm_pl.callbacks.merge_with_base import MergeWithBase
 from bidirlm_pl.callbacks.router_stats import RouterStats
 from bidirlm_pl.callbacks.throughput import Throughput
 
-__all__ = ["EmbeddingEval", "HFExport", "RouterStats", "Throughput"]
+__all__ = ["EmbeddingEval", "HFExport", "MergeWithBase", "RouterStats", "Throughput"]
