@@ -14,8 +14,9 @@ load it without remote code; :class:`Encoder` embeds identically, faster on mixe
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,7 +123,7 @@ class Encoder:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, device: str = "cpu", dtype: str = "float32",
-                        attn_implementation: str = "sdpa", **overrides) -> "Encoder":
+                        attn_implementation: str = "sdpa", **overrides) -> Encoder:
         """Load an exported folder (ours, or any ST/HF folder of a supported decoder). Never remote code."""
         from transformers import AutoModel, AutoTokenizer
 
@@ -265,11 +266,12 @@ def mteb_model(encoder: Encoder, name: str = "bidirlm-pl/encoder", revision: str
         def __init__(self):
             self.model = encoder
             n_params = sum(p.numel() for p in encoder.model.parameters())
-            self.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
-                name=name, revision=revision, n_parameters=n_params, similarity_fn_name=ScoringFunction.COSINE,
-                embed_dim=encoder.model.config.get_text_config().hidden_size, max_tokens=encoder.max_length,
-                modalities=["text"], framework=["PyTorch"],
-            ))
+            self.mteb_model_meta = ModelMeta.create_empty(overwrites={
+                "name": name, "revision": revision, "n_parameters": n_params,
+                "similarity_fn_name": ScoringFunction.COSINE,
+                "embed_dim": encoder.model.config.get_text_config().hidden_size,
+                "max_tokens": encoder.max_length, "modalities": ["text"], "framework": ["PyTorch"],
+            })
 
         def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs: Any):
             texts = [t for batch in inputs for t in batch["text"]]

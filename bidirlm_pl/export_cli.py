@@ -36,7 +36,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         with torch.serialization.safe_globals([Schedule, LoraSpec]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - unpickling refusals and corrupt files alike
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BidirLMError(f"checkpoint '{path}' cannot be loaded safely (weights_only): {first}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:

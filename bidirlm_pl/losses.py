@@ -19,7 +19,7 @@ Options:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -236,4 +236,3 @@ class GradCache(nn.Module):
                         emb = embed(slice_batch(batch, start, end))
                     # surrogate whose gradient w.r.t. the embeddings is the cached one
                     (emb * (grad_ND[start:end] * grad_out)).sum().backward()
-        return None

@@ -44,7 +44,8 @@ def test_fit_trains_logs_and_exports(fitted):
         assert (folder / name).exists(), name
     prompts = json.loads((folder / "config_sentence_transformers.json").read_text())["prompts"]
     assert prompts["query"] == "Represent the news article: "
-    metrics = list(csv.DictReader(open(next(fitted.rglob("metrics.csv")))))
+    with open(next(fitted.rglob("metrics.csv"))) as handle:
+        metrics = list(csv.DictReader(handle))
     losses = [float(r["train/loss"]) for r in metrics if r.get("train/loss")]
     assert losses and all(np.isfinite(losses))
     assert any(r.get("val/loss") for r in metrics)

@@ -96,7 +96,7 @@ def test_gradcache_equals_plain_loss_and_gradients(symmetric):
     B, N = 7, 2
     q_in, p_in, n_in = torch.randn(B, 12).double(), torch.randn(B, 12).double(), torch.randn(B * N, 12).double()
     loss_fn = InfoNCE(temperature=0.05, symmetric=symmetric, false_negative_margin=0.3)
-    embed = lambda b: encoder(b["x"])  # noqa: E731
+    embed = lambda b: encoder(b["x"])
 
     torch.manual_seed(1)
     plain = loss_fn.compute_loss(embed({"x": q_in}), embed({"x": p_in}), embed({"x": n_in}).view(B, N, -1))

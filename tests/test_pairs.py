@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bidirlm_pl.data.pairs import PairSource, PairsDataModule, SourceBatches, load_rows
+from bidirlm_pl.data.pairs import PairsDataModule, PairSource, SourceBatches, load_rows
 from bidirlm_pl.errors import BidirLMError
 
 

@@ -47,7 +47,7 @@ def test_instruction_prefix_excluded_like_sentence_transformers(mode):
 @pytest.mark.parametrize("mode", ["mean", "last", "weighted_mean", "latent_attention"])
 def test_packed_rows_pool_like_padded_rows(mode):
     torch.manual_seed(0)
-    hidden, mask, lengths = _padded()
+    hidden, mask, _ = _padded()
     pool = Pooling(mode, hidden_size=8, num_latents=4, num_heads=2)
     padded = pool(hidden, mask)
     # pack documents 0 and 1 into row 0, document 2 into row 1 (with padding)

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import lightning as L
 import torch
@@ -116,7 +116,7 @@ def _pair_table(src: PairSource):
             raise BidirLMError(f"source '{src.name}': mode 'pairs' reads jsonl, parquet, disk or hf, not '{kind}'")
     except BidirLMError:
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any reader failure becomes one line naming the source
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BidirLMError(f"source '{src.name}': cannot read pairs from {src.path or src.dataset}: {first}") from None
     if isinstance(table, datasets.DatasetDict):

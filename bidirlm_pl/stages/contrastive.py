@@ -39,7 +39,7 @@ def set_attention_dropout(model: torch.nn.Module, p: float) -> int:
         raise BidirLMError(f"attention_dropout {p} must be in [0, 1)")
     count = 0
     for module in model.modules():
-        if hasattr(module, "attention_dropout") and isinstance(getattr(module, "attention_dropout"), float):
+        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
             module.attention_dropout = p
             count += 1
     for config in (model.config, getattr(model.config, "text_config", None)):
