@@ -75,7 +75,7 @@ class MergeSpec:
     density: float = 0.5
     normalize: bool = True
     max_shard_size: str = "2GB"
-    block_elements: int = 8 * 2**20
+    block_elements: int = 4 * 2**20
     overwrite: bool = False
 
 

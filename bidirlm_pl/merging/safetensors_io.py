@@ -93,7 +93,7 @@ class Checkpoint:
             memory-mapped pages already read are released instead of accumulating in the resident set.
     """
 
-    def __init__(self, folder: str | Path, *, reopen_bytes: int = 64 * 2**20):
+    def __init__(self, folder: str | Path, *, reopen_bytes: int = 16 * 2**20):
         self.name = str(folder)
         self.folder = resolve_folder(folder)
         self.config = json.loads((self.folder / "config.json").read_text())

@@ -93,7 +93,7 @@ class SimilarityReport:
 
 
 def similarity(a: str, b: str, *, key_map_a=None, key_map_b=None,
-               block_elements: int = 8 * 2**20) -> SimilarityReport:
+               block_elements: int = 4 * 2**20) -> SimilarityReport:
     """Compare the tensors two checkpoints share (float tensors of equal shape), in fp64 sums."""
     ckpts = [Checkpoint(a), Checkpoint(b)]
     entries, key_report = match_keys(ckpts, [KeyMap.parse(key_map_a), KeyMap.parse(key_map_b)], 0,
