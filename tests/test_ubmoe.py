@@ -229,3 +229,18 @@ def test_packed_perplexity_equals_per_document_loss_and_forced0_matches_original
     moe.convert_to_ubmoe(model, routing="forced0")
     _perturb_expert1(model)
     assert causal_perplexity(model, tok, texts, max_length=512) == pytest.approx(ppl, rel=1e-6)
+
+
+@pytest.mark.parametrize("routing", ["soft", "top1"])
+@torch.no_grad()
+def test_generate_with_learned_routing_same_with_and_without_kv_cache(tiny_qwen3, routing):
+    """Routing is per token, so incremental decoding (KV cache) routes exactly as a full recompute."""
+    model, _ = load_backbone(tiny_qwen3, bidirectional=False)
+    moe.convert_to_ubmoe(model, routing=routing)
+    _perturb_expert1(model, scale=0.2)
+    ids = _ids(model.config.vocab_size, B=2, T=5)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids, use_cache=True, **kw)
+    assert torch.equal(cached, model.generate(ids, use_cache=False, **kw))
+    choice = moe.ubmoe_ffns(model)[0].last_choice_BT
+    assert choice is not None
