@@ -1,6 +1,6 @@
 """Benchmark: ``Encoder.encode`` against ``SentenceTransformer.encode`` on the same exported folder and texts.
 
-Texts of mixed lengths: the 300 Lee background articles cut to lengths drawn log-uniformly between
+Texts of mixed lengths (``--texts``, default 128): Lee background articles cut to lengths drawn log-uniformly between
 8 and 2000 characters (seeded), shuffled. Both encoders run in this process on the same folder,
 alternating, ``--repeats`` times after one warm-up each; the script prints texts per second, the
 median ratio (ours / Sentence-Transformers; > 1 means we are faster) and the largest embedding
@@ -35,10 +35,10 @@ def mixed_texts(n: int, seed: int = 0) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="exported folder (HF + Sentence-Transformers)")
-    parser.add_argument("--texts", type=int, default=300)
+    parser.add_argument("--texts", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
