@@ -46,8 +46,8 @@ def test_keys_that_match_nothing_are_reported(fake_vlm, tiny_qwen3, tmp_path):
     extra = state(tiny_qwen3)
     extra["model.adapter.weight"] = torch.ones(3)
     text = write_copy(tiny_qwen3, tmp_path / "text-extra", extra)
-    spec = dict(models=[str(fake_vlm), str(text)], weights=[0.5, 0.5], key_maps=[{"model.language_model.": "model."},
-                                                                                   None])
+    spec = {"models": [str(fake_vlm), str(text)], "weights": [0.5, 0.5],
+            "key_maps": [{"model.language_model.": "model."}, None]}
     with pytest.raises(BidirLMError, match=r"tensor 'model.adapter.weight' of .* has no counterpart"):
         merge(MergeSpec(output=str(tmp_path / "refused"), **spec))
     assert not (tmp_path / "refused").exists()

@@ -24,7 +24,13 @@ from bidirlm_pl.export import atomic_folder
 from bidirlm_pl.merging.keymap import Entry, KeyMap, KeyReport, match_keys
 from bidirlm_pl.merging.methods import Method, Stats, build_method
 from bidirlm_pl.merging.safetensors_io import (
-    FLOAT_DTYPES, Checkpoint, PlannedTensor, StreamingWriter, is_weight_file, parse_size, row_blocks,
+    FLOAT_DTYPES,
+    Checkpoint,
+    PlannedTensor,
+    StreamingWriter,
+    is_weight_file,
+    parse_size,
+    row_blocks,
 )
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,8 +99,8 @@ class MergeReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        lines = [f"merged {self.merged_tensors} tensors ({self.method}) into {self.output}: "
-                 f"{self.total_bytes / 1e9:.3f} GB in {self.shards} shard(s), {self.seconds:.1f} s"]
+        lines = [(f"merged {self.merged_tensors} tensors ({self.method}) into {self.output}: "
+                  f"{self.total_bytes / 1e9:.3f} GB in {self.shards} shard(s), {self.seconds:.1f} s")]
         if self.copied_components:
             lines.append(f"copied unchanged from the source: {len(self.copied_components)} tensors "
                          f"(e.g. {self.copied_components[0]})")

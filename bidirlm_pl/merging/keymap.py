@@ -29,7 +29,7 @@ class KeyMap:
     prefixes: dict[str, str] | None = None
 
     @classmethod
-    def parse(cls, spec: "str | dict[str, str] | KeyMap | None") -> "KeyMap":
+    def parse(cls, spec: str | dict[str, str] | KeyMap | None) -> KeyMap:
         """From ``{"model.language_model.": "model."}`` or ``"model.language_model.=model.,lm_head.=lm_head."``."""
         if spec is None or isinstance(spec, KeyMap):
             return spec or cls()

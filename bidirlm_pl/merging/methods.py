@@ -134,7 +134,7 @@ class Ties(Method):
         self.density = density
 
     def _trim(self, delta: torch.Tensor) -> torch.Tensor:
-        keep = int(math.ceil(self.density * delta.numel()))
+        keep = math.ceil(self.density * delta.numel())
         if keep >= delta.numel():
             return delta
         magnitude = delta.abs().reshape(-1)

@@ -45,7 +45,7 @@ class _Sums:
     diff: float = 0.0
     count: int = 0
 
-    def add(self, other: "_Sums") -> None:
+    def add(self, other: _Sums) -> None:
         self.dot += other.dot
         self.norm_a += other.norm_a
         self.norm_b += other.norm_b
@@ -74,7 +74,7 @@ class SimilarityReport:
     unmatched: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        row = lambda s: {"cosine": s.cosine, "relative_distance": s.relative_distance, "parameters": s.count}  # noqa: E731
+        row = lambda s: {"cosine": s.cosine, "relative_distance": s.relative_distance, "parameters": s.count}
         return {"a": self.a, "b": self.b, "overall": row(self.overall),
                 "groups": {k: row(v) for k, v in self.groups.items()},
                 "layers": {str(k): row(v) for k, v in sorted(self.layers.items())},
