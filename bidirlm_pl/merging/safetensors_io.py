@@ -16,6 +16,8 @@ import json
 import math
 import re
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,7 +212,7 @@ class StreamingWriter:
     """
 
     def __init__(self, folder: str | Path, plan: list[PlannedTensor], *, max_shard_bytes: int | str = "2GB",
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, max_pending: int = 1):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
         limit = parse_size(max_shard_bytes)
@@ -234,6 +236,10 @@ class StreamingWriter:
         self._written = 0       # bytes of that tensor written so far
         self._shard = -1
         self._handle = None
+        # file writes run on one background thread (in order) while the caller computes the next block
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer")
+        self._pending: deque = deque()
+        self.max_pending = max_pending
 
     def _open_shard(self, shard: int) -> None:
         if self._handle is not None:
@@ -246,10 +252,21 @@ class StreamingWriter:
             offset += tensor.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8-byte alignment
-        self._handle = open(self.folder / self.files[shard], "wb")
+        self._handle = open(self.folder / self.files[shard], "wb")  # noqa: SIM115 (closed by the next shard or close())
         self._handle.write(len(encoded).to_bytes(8, "little"))
         self._handle.write(encoded)
-        self._shard = shard
+
+    def _write_bytes(self, data) -> None:
+        self._handle.write(data)
+
+    def _submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self.max_pending:
+            self._pending.popleft().result()  # bounded memory; re-raises a failed write
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
 
     def write(self, name: str, block: torch.Tensor) -> None:
         """Append the next rows of tensor ``name`` (must be the tensor the plan expects next)."""
@@ -257,17 +274,22 @@ class StreamingWriter:
         shard, tensor = self._queue[self._position]
         assert name == tensor.name, f"expected tensor '{tensor.name}' next, got '{name}'"
         assert block.dtype == tensor.dtype, f"tensor '{name}': block dtype {block.dtype} != planned {tensor.dtype}"
-        if shard != self._shard:
-            self._open_shard(shard)
         data = block.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._written += data.nbytes
         assert self._written <= tensor.nbytes, f"tensor '{name}' received more bytes than its planned shape"
-        self._handle.write(data)
+        if shard != self._shard:
+            self._shard = shard
+            self._submit(self._open_shard, shard)
+        self._submit(self._write_bytes, data)
         if self._written == tensor.nbytes:
             self._position += 1
             self._written = 0
 
     def close(self) -> None:
+        try:
+            self._drain()
+        finally:
+            self._pool.shutdown()
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -284,7 +306,11 @@ class StreamingWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        elif self._handle is not None:
+            return
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        if self._handle is not None:
             self._handle.close()
 
 
