@@ -8,13 +8,13 @@ import torch
 
 from bidirlm_pl.errors import BidirLMError
 
-GROUP_PATTERNS = {
+GROUP_PATTERNS = {  # first match wins: LoRA adapters live inside attention/ffn modules
+    "lora": r"lora_",
     "embeddings": r"embed_tokens",
     "attention": r"self_attn\.",
     "ffn": r"\.mlp\.",
     "norms": r"norm[^.]*\.weight$|norm[^.]*\.bias$",
     "lm_head": r"(^|\.)lm_head\.",
-    "lora": r"lora_",
 }
 GROUPS = ("all", *GROUP_PATTERNS)
 
