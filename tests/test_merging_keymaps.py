@@ -100,3 +100,19 @@ def test_yaml_config_and_flags_give_the_same_merge(tiny_qwen3, tmp_path, capsys)
     config.write_text("models: [a, b]\nweigths: [1, 1]\n")
     assert cli.main(["merge", "--config", str(config), "--output", str(tmp_path / "x")]) == 2
     assert "has unknown key 'weigths'" in capsys.readouterr().err
+
+
+def test_attach_components_of_another_model(fake_vlm, tiny_qwen3, tmp_path):
+    """The text encoder gives the layout; the VLM's tower and projector are attached unchanged."""
+    report = merge(MergeSpec(models=[str(tiny_qwen3), str(fake_vlm)], weights=[0.5, 0.5], output=str(tmp_path / "o"),
+                             key_maps=[None, {"model.language_model.": "model."}], attach=[str(fake_vlm)]))
+    text, vlm, merged = state(tiny_qwen3), state(fake_vlm), state(tmp_path / "o")
+    towers = {k for k in vlm if not k.startswith("model.language_model.")}
+    assert set(merged) == set(text) | towers and len(report.copied_components) == len(towers)
+    for key in towers:
+        assert torch.equal(merged[key], vlm[key])
+    key = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[key], 0.5 * text[key] + 0.5 * vlm["model.language_model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(BidirLMError, match="attach: model .* must be another model with a key map"):
+        merge(MergeSpec(models=[str(tiny_qwen3), str(fake_vlm)], weights=[0.5, 0.5], output=str(tmp_path / "x"),
+                        key_maps=[None, {"model.language_model.": "model."}], attach=["0"]))

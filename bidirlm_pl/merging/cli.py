@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-map", dest="key_map", action="append", metavar="INDEX:FROM=TO[,FROM=TO]",
                         help="prefix renames of model INDEX into the shared backbone, e.g. "
                              "'0:model.language_model.=model.'; repeat per model ('base:' for the base)")
+    parser.add_argument("--attach", nargs="+", help="other models whose components outside their key map "
+                                                    "(towers, projectors) are copied into the output too")
     parser.add_argument("--unmatched", choices=UNMATCHED_POLICIES, help="keys that meet nothing: error or report")
     parser.add_argument("--shape-policy", dest="shape_policy", choices=SHAPE_POLICIES,
                         help="shape mismatches: error, copy the source tensor, or merge common_rows")

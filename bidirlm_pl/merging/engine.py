@@ -56,6 +56,8 @@ class MergeSpec:
         key_maps: per model (same order as ``models``), prefix renames into the shared backbone,
             e.g. ``{"model.language_model.": "model."}`` for a VLM; ``None`` entries mean identity.
         base_key_map: the same for ``base``.
+        attach: other models (paths or indices) whose components outside their key map (a vision or audio
+            tower, a projector) are copied unchanged into the output as well, e.g. to compose modalities.
         unmatched: ``error`` when keys meet nothing in another model, or ``report`` (copy/skip and list them).
         shape_policy: ``error`` on shape mismatches, ``copy`` the source tensor, or ``common_rows``
             (merge the shared leading rows, e.g. a common vocabulary, keep the source's extra rows).
@@ -76,6 +78,7 @@ class MergeSpec:
     tokenizer_from: str | None = None
     key_maps: list[dict[str, str] | None] | None = None
     base_key_map: dict[str, str] | None = None
+    attach: list[str] | None = None
     unmatched: str = "error"
     shape_policy: str = "error"
     density: float = 0.5
@@ -162,7 +165,9 @@ def plan(spec: MergeSpec) -> tuple[Method, list[Checkpoint], list[Entry], KeyRep
             raise BidirLMError(f"model {ckpts[odd].name} is a '{types[odd]}' but {ckpts[0].name} is a "
                                f"'{types[0]}'; merge one architecture, or declare key maps for the shared backbone")
     source = _pick(spec.config_from, spec.models, spec.base, "config_from")
-    entries, key_report = match_keys(ckpts, maps, source, unmatched=spec.unmatched, shape_policy=spec.shape_policy)
+    attach = [_pick(ref, spec.models, spec.base, "attach") for ref in spec.attach or []]
+    entries, key_report = match_keys(ckpts, maps, source, unmatched=spec.unmatched, shape_policy=spec.shape_policy,
+                                     attach=attach)
     return method, ckpts, entries, key_report, source
 
 
@@ -209,11 +214,18 @@ def _merge_entry(entry: Entry, method: Method, ckpts: list[Checkpoint], source: 
                 writer.write(entry.name, ckpts[source].read(entry.keys[source], rows).to(out_dtype))
 
 
+def _origin(entry: Entry, source: int) -> int:
+    """The checkpoint an entry's bytes (or its layout) come from: the source, or the one a copy names."""
+    if entry.action == "merge":
+        return source
+    return next(i for i, key in enumerate(entry.keys) if key is not None)
+
+
 def _copy_entry(entry: Entry, ckpts: list[Checkpoint], source: int, out_dtype: torch.dtype,
                 block_elements: int, writer: StreamingWriter) -> None:
-    key = entry.keys[source]
+    origin = _origin(entry, source)
     for rows in row_blocks(entry.shape, block_elements):
-        writer.write(entry.name, ckpts[source].read(key, rows).to(out_dtype))
+        writer.write(entry.name, ckpts[origin].read(entry.keys[origin], rows).to(out_dtype))
 
 
 def _copy_side_files(config_src: Path, tokenizer_src: Path, staging: Path, dtype: str | None) -> None:
@@ -245,7 +257,8 @@ def merge(spec: MergeSpec) -> MergeReport:
     method, ckpts, entries, key_report, source = plan(spec)
     num_models = len(spec.models)
     tokenizer_src = ckpts[_pick(spec.tokenizer_from, spec.models, spec.base, "tokenizer_from")].folder
-    out_dtypes = {e.name: _out_dtype(ckpts[source], e.name, spec.dtype) for e in entries}
+    out_dtypes = {e.name: _out_dtype(ckpts[_origin(e, source)], e.keys[_origin(e, source)], spec.dtype)
+                  for e in entries}
     planned = [PlannedTensor(e.name, out_dtypes[e.name], e.shape) for e in entries]
     with atomic_folder(spec.output, overwrite=spec.overwrite) as staging:
         with StreamingWriter(staging, planned, max_shard_bytes=spec.max_shard_size,

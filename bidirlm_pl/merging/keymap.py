@@ -98,9 +98,13 @@ def _canonical_keys(ckpt: Checkpoint, key_map: KeyMap) -> _Table:
     return table
 
 
-def match_keys(ckpts: list[Checkpoint], key_maps: list[KeyMap], source: int, *,
-               unmatched: str = "error", shape_policy: str = "error") -> tuple[list[Entry], KeyReport]:
-    """Plan the output tensors in the source's key order; raise a one-line error on mismatches."""
+def match_keys(ckpts: list[Checkpoint], key_maps: list[KeyMap], source: int, *, unmatched: str = "error",
+               shape_policy: str = "error", attach: list[int] | None = None) -> tuple[list[Entry], KeyReport]:
+    """Plan the output tensors in the source's key order; raise a one-line error on mismatches.
+
+    ``attach``: other checkpoints whose components (keys outside their map: towers, projectors) are
+    copied unchanged into the output too, after the source's tensors; a name clash is an error.
+    """
     if unmatched not in UNMATCHED_POLICIES:
         raise BidirLMError(f"unmatched policy '{unmatched}' is not one of {list(UNMATCHED_POLICIES)}")
     if shape_policy not in SHAPE_POLICIES:
@@ -141,6 +145,22 @@ def match_keys(ckpts: list[Checkpoint], key_maps: list[KeyMap], source: int, *,
             if canonical == src_map.canonical(LM_HEAD) and LM_HEAD not in src.tensors and src.ties_embeddings:
                 continue  # the output ties its output layer to the (merged) embeddings
             missing.append(f"tensor '{stored}' of {ckpts[i].name} has no counterpart in {src.name}")
+    taken = {e.name for e in entries}
+    for i in attach or []:
+        if i == source or key_maps[i].prefixes is None:
+            raise BidirLMError(f"attach: model {ckpts[i].name} must be another model with a key map "
+                               f"(its keys outside the map are the components to attach)")
+        for key in ckpts[i].keys():
+            if key_maps[i].canonical(key) is not None:
+                continue
+            if key in taken:
+                raise BidirLMError(f"attached component '{key}' of {ckpts[i].name} clashes with a tensor of the "
+                                   f"same name already in the output")
+            taken.add(key)
+            keys: list[str | None] = [None] * len(ckpts)
+            keys[i] = key
+            entries.append(Entry(key, ckpts[i].tensors[key].shape, "copy", keys))
+            report.copied_components.append(f"{key} (from {ckpts[i].name})")
     if missing:
         if unmatched == "error":
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
