@@ -122,8 +122,8 @@ def main() -> None:
     print(f"model {args.model}, batch {args.batch} x {args.length}, masked tokens {n_masked}, "
           f"vocab {stage.backbone.config.vocab_size}, threads {args.threads}, fp32, chunk {args.chunk}")
     runs = {v: step_fn(stage, batch, optimizer, v) for v in ("sparse", "full")}
-    for v in runs:  # warm-up
-        runs[v]()
+    for run in runs.values():  # warm-up
+        run()
     times = {"sparse": [], "full": []}
     for i in range(args.repeats):
         for v in (("sparse", "full") if i % 2 == 0 else ("full", "sparse")):
@@ -131,8 +131,8 @@ def main() -> None:
             runs[v]()
             times[v].append(time.perf_counter() - start)
     med = {v: statistics.median(t) for v, t in times.items()}
-    for v in times:
-        print(f"{v:6s} step: median {med[v]:.3f} s  (runs: {', '.join(f'{t:.2f}' for t in times[v])})")
+    for v, measured in times.items():
+        print(f"{v:6s} step: median {med[v]:.3f} s  (runs: {', '.join(f'{t:.2f}' for t in measured)})")
     print(f"time ratio full / sparse: {med['full'] / med['sparse']:.2f}x")
     del stage, batch, optimizer, runs
 

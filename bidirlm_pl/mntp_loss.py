@@ -21,8 +21,8 @@ A target whose predecessor belongs to another document (packed rows: ``seq_ids``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

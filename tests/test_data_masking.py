@@ -8,7 +8,12 @@ import torch
 from transformers import AutoTokenizer
 
 from bidirlm_pl.data.masking import (
-    IGNORE_INDEX, Masker, MaskSpec, replacement_ids, resolve_mask_token, special_token_ids,
+    IGNORE_INDEX,
+    Masker,
+    MaskSpec,
+    replacement_ids,
+    resolve_mask_token,
+    special_token_ids,
 )
 from bidirlm_pl.data.packing import pack_batches
 from bidirlm_pl.errors import BidirLMError
@@ -123,10 +128,10 @@ def test_ratio_schedule():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(ratio=0.0), "mask ratio 0.0 is outside"),
-    (dict(ratio=1.5), "mask ratio 1.5 is outside"),
-    (dict(replacement="bert"), "replacement 'bert' is not one of"),
-    (dict(final_ratio=2.0, schedule_steps=3), "final_ratio 2.0"),
+    ({"ratio": 0.0}, "mask ratio 0.0 is outside"),
+    ({"ratio": 1.5}, "mask ratio 1.5 is outside"),
+    ({"replacement": "bert"}, "replacement 'bert' is not one of"),
+    ({"final_ratio": 2.0, "schedule_steps": 3}, "final_ratio 2.0"),
 ])
 def test_bad_mask_specs(kw, message):
     with pytest.raises(BidirLMError, match=message):

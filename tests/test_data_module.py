@@ -17,8 +17,8 @@ SOURCES = [SourceSpec("lee", kind="lee", weight=0.7), SourceSpec("lee50", kind="
 
 
 def _dm(**kw):
-    args = dict(tokenizer="tiny-qwen3", sources=SOURCES, max_length=48, batch_size=3, val_fraction=0.1,
-                val_max_batches=2, seed=0, check_documents=50)
+    args = {"tokenizer": "tiny-qwen3", "sources": SOURCES, "max_length": 48, "batch_size": 3, "val_fraction": 0.1,
+                "val_max_batches": 2, "seed": 0, "check_documents": 50}
     args.update(kw)
     return TextDataModule(**args)
 
@@ -161,16 +161,16 @@ def test_bad_input_fails_with_one_line(case, message, tmp_path, tiny_qwen3):
     (tmp_path / "empty.txt").write_text("\n\n   \n")
     (tmp_path / "short.txt").write_text("a long enough document\na\n")
     kw = {
-        "empty_file": dict(sources=[SourceSpec("empty", path=str(tmp_path / "empty.txt"))]),
-        "missing": dict(sources=[SourceSpec("gone", path="/nonexistent/x.jsonl")]),
-        "negative": dict(sources=[SourceSpec("lee", kind="lee", weight=-1.0)]),
-        "zero": dict(sources=[SourceSpec("lee", kind="lee", weight=0.0)]),
-        "short": dict(sources=[SourceSpec("short", path=str(tmp_path / "short.txt"))],
-                      tokenizer=_no_bos_model(tiny_qwen3, tmp_path)),
-        "too_long": dict(max_length=4096),
-        "no_mask": dict(tokenizer=_no_mask_model(tiny_qwen3, tmp_path)),
-        "no_sources": dict(sources=[]),
-        "bad_model": dict(tokenizer="no-such-model"),
+        "empty_file": {"sources": [SourceSpec("empty", path=str(tmp_path / "empty.txt"))]},
+        "missing": {"sources": [SourceSpec("gone", path="/nonexistent/x.jsonl")]},
+        "negative": {"sources": [SourceSpec("lee", kind="lee", weight=-1.0)]},
+        "zero": {"sources": [SourceSpec("lee", kind="lee", weight=0.0)]},
+        "short": {"sources": [SourceSpec("short", path=str(tmp_path / "short.txt"))],
+                      "tokenizer": _no_bos_model(tiny_qwen3, tmp_path)},
+        "too_long": {"max_length": 4096},
+        "no_mask": {"tokenizer": _no_mask_model(tiny_qwen3, tmp_path)},
+        "no_sources": {"sources": []},
+        "bad_model": {"tokenizer": "no-such-model"},
     }[case]
     with pytest.raises(BidirLMError, match=message) as err:
         _dm(**kw)

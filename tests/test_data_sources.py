@@ -14,8 +14,7 @@ DOCS = ["The first document.", "A second one, longer than the first.", "Third!"]
 def files(tmp_path):
     (tmp_path / "docs.txt").write_text("\n".join(DOCS) + "\n\n")
     with open(tmp_path / "docs.jsonl", "w") as f:
-        for d in DOCS:
-            f.write(json.dumps({"body": d, "id": 1}) + "\n")
+        f.writelines(json.dumps({"body": d, "id": 1}) + "\n" for d in DOCS)
     import datasets
 
     ds = datasets.Dataset.from_dict({"text": DOCS})
@@ -26,14 +25,14 @@ def files(tmp_path):
 
 
 @pytest.mark.parametrize("spec", [
-    dict(path="docs.txt"),
-    dict(path="docs.jsonl", text_field="body"),
-    dict(path="docs.jsonl", text_field="body", streaming=True),
-    dict(path="docs.parquet"),
-    dict(path="docs.parquet", streaming=True),
-    dict(path="saved"),
-    dict(path="saved_dict", split="train"),
-    dict(kind="hf", dataset="json", data_files=["docs.jsonl"], text_field="body", streaming=True),
+    {"path": "docs.txt"},
+    {"path": "docs.jsonl", "text_field": "body"},
+    {"path": "docs.jsonl", "text_field": "body", "streaming": True},
+    {"path": "docs.parquet"},
+    {"path": "docs.parquet", "streaming": True},
+    {"path": "saved"},
+    {"path": "saved_dict", "split": "train"},
+    {"kind": "hf", "dataset": "json", "data_files": ["docs.jsonl"], "text_field": "body", "streaming": True},
 ])
 def test_every_kind_reads_the_same_documents(files, spec):
     spec = dict(spec)
@@ -63,13 +62,13 @@ def test_lee_corpus_is_a_named_source():
 
 
 @pytest.mark.parametrize("spec, message", [
-    (dict(path="/nonexistent/corpus.txt"), "does not exist"),
-    (dict(path="/nonexistent/corpus.jsonl"), "does not exist"),
-    (dict(kind="disk", path="/nonexistent/saved"), "does not exist"),
-    (dict(path="/tmp/corpus.xyz"), "cannot infer the kind"),
-    (dict(kind="csvish", path="x"), "kind 'csvish' is not one of"),
-    (dict(), "has neither 'path' nor 'dataset'"),
-    (dict(kind="hf"), "needs 'dataset'"),
+    ({"path": "/nonexistent/corpus.txt"}, "does not exist"),
+    ({"path": "/nonexistent/corpus.jsonl"}, "does not exist"),
+    ({"kind": "disk", "path": "/nonexistent/saved"}, "does not exist"),
+    ({"path": "/tmp/corpus.xyz"}, "cannot infer the kind"),
+    ({"kind": "csvish", "path": "x"}, "kind 'csvish' is not one of"),
+    ({}, "has neither 'path' nor 'dataset'"),
+    ({"kind": "hf"}, "needs 'dataset'"),
 ])
 def test_bad_sources_fail_with_one_line(spec, message):
     with pytest.raises(BidirLMError, match=message) as err:

@@ -12,6 +12,14 @@ from bidirlm_pl.data.packing import PackedRow, Packer, collate_rows, pack_batche
 from bidirlm_pl.data.sources import SourceSpec, TextSource, load_texts, open_source
 
 __all__ = [
-    "Mixture", "PackedRow", "Packer", "collate_rows", "pack_batches", "pack_documents",
-    "SourceSpec", "TextSource", "load_texts", "open_source",
+    "Mixture",
+    "PackedRow",
+    "Packer",
+    "SourceSpec",
+    "TextSource",
+    "collate_rows",
+    "load_texts",
+    "open_source",
+    "pack_batches",
+    "pack_documents",
 ]

@@ -96,7 +96,7 @@ def resolve_mask_token(tokenizer, mask_token: str | int | None, *, vocab_size: i
 
 def special_token_ids(tokenizer) -> list[int]:
     """Ids never masked and never used as random replacements: special and added tokens."""
-    ids = set(int(i) for i in tokenizer.all_special_ids)
+    ids = {int(i) for i in tokenizer.all_special_ids}
     ids.update(int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}) or {})
     return sorted(ids)
 

@@ -29,9 +29,9 @@ iteration, so the mixture resumes it by skipping the documents it has already co
 from __future__ import annotations
 
 import glob
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 from bidirlm_pl.errors import BidirLMError
 
@@ -217,8 +217,9 @@ def open_source(spec: SourceSpec) -> TextSource:
         builder = "json" if kind == "jsonl" else "parquet"
         try:
             loaded = datasets.load_dataset(builder, data_files=files, split="train", streaming=spec.streaming)
-        except Exception as err:  # malformed files: one line naming the source
-            raise BidirLMError(f"source '{spec.name}': cannot read {kind} files {files}: {err}") from None
+        except Exception as err:  # noqa: BLE001 -- malformed files: one line naming the source
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise BidirLMError(f"source '{spec.name}': cannot read {kind} files {files}: {first}") from None
         return _from_datasets(spec, loaded)
     if kind == "disk":
         path = Path(spec.path or "").expanduser()
@@ -231,7 +232,7 @@ def open_source(spec: SourceSpec) -> TextSource:
     try:
         loaded = datasets.load_dataset(spec.dataset, name=spec.config, split=spec.split,
                                        data_files=spec.data_files, streaming=spec.streaming)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- any loader failure becomes one line naming the source
         raise BidirLMError(f"source '{spec.name}': cannot load dataset '{spec.dataset}': "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     return _from_datasets(spec, loaded)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import lightning as L
 import numpy as np
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from bidirlm_pl.data.masking import Masker, MaskSpec, replacement_ids, resolve_mask_token, special_token_ids
 from bidirlm_pl.data.mixture import Mixture, normalised_weights
-from bidirlm_pl.data.packing import Packer, PackedRow, collate_rows
+from bidirlm_pl.data.packing import PackedRow, Packer, collate_rows
 from bidirlm_pl.data.sources import SourceSpec, TextSource, first_documents, open_source
 from bidirlm_pl.errors import BidirLMError
 

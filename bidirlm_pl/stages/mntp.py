@@ -12,7 +12,6 @@ Run it::
 from __future__ import annotations
 
 import torch
-
 from lightning.pytorch.cli import OptimizerCallable
 
 from bidirlm_pl.backbone import LoraSpec
