@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from bidirlm_pl.errors import require
+from bidirlm_pl.export import save_hf_folder
 
 GEMMA3_270M = "gemma3-270m"
 
@@ -66,12 +66,7 @@ def gemma3_270m(*, verbose: bool = False) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         model.generation_config = loaded.generation_config
-        staging = target.with_name(target.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        save_hf_folder(model, tokenizer, target, overwrite=True)
         (cache_dir() / "gguf" / gguf_parts.MODEL_NAME).unlink(missing_ok=True)
     return target
 
@@ -169,12 +164,7 @@ def tiny_model(arch: str, target: Path | None = None, seed: int = 0) -> Path:
         tokenizer = _tiny_tokenizer()
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), tokenizer))
-        staging = target.with_name(target.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        save_hf_folder(model, tokenizer, target, overwrite=True)
     return target
 
 
