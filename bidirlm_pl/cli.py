@@ -30,7 +30,10 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 
-def _lightning_cli(argv: list[str] | None):
+HF_EXPORT = "bidirlm_pl.callbacks.HFExport"
+
+
+def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
     from jsonargparse import Namespace
     from lightning.pytorch.cli import LightningCLI
 
@@ -51,6 +54,23 @@ def _lightning_cli(argv: list[str] | None):
                     Namespace(class_path=f"lightning.pytorch.loggers.{cls}", init_args=Namespace(save_dir=root, name=name))
                     for cls, name in (("CSVLogger", "csv"), ("TensorBoardLogger", "tensorboard"))
                 ]
+            if export_dir is not None:
+                self._redirect_outputs(trainer)
+
+        def _redirect_outputs(self, trainer):
+            """Under `bidirlm run`: logs under the stage's root, the final HF export into the stage folder."""
+            root = trainer.get("default_root_dir")
+            for logger in trainer.get("logger") or []:
+                if root and isinstance(logger, Namespace) and "save_dir" in (logger.get("init_args") or {}):
+                    logger.init_args.save_dir = root
+            callbacks = list(trainer.get("callbacks") or [])
+            exports = [c for c in callbacks if isinstance(c, Namespace) and c.class_path.endswith("HFExport")]
+            for callback in exports:
+                callback.init_args.dirpath = export_dir
+            if not exports:
+                callbacks.append(Namespace(class_path=HF_EXPORT, init_args=Namespace(dirpath=export_dir,
+                                                                                       every_n_steps=0)))
+            trainer["callbacks"] = callbacks
 
     return BidirLMCLI(
         BackboneStage,
@@ -64,9 +84,13 @@ def _lightning_cli(argv: list[str] | None):
     )
 
 
-def run_lightning(argv: list[str]):
-    """Run a LightningCLI subcommand in-process and return the CLI (``.model``, ``.trainer``)."""
-    return _lightning_cli(argv)
+def run_lightning(argv: list[str], *, export_dir: str | None = None):
+    """Run a LightningCLI subcommand in-process and return the CLI (``.model``, ``.trainer``).
+
+    ``export_dir`` points every HFExport callback (one is added if the config has none) at that
+    folder and the loggers at ``default_root_dir``: what ``bidirlm run`` uses for each stage.
+    """
+    return _lightning_cli(argv, export_dir=export_dir)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -20,9 +20,7 @@ previous one stopped.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,20 +83,11 @@ def run_stage(stage: Stage, out: Path, outputs: dict[str, str]) -> None:
         if code:
             raise BidirLMError(f"stage '{stage.name}' failed: bidirlm {' '.join(argv)} exited {code}")
         return
-    argv = ["fit", "--config", stage.fit, "--trainer.default_root_dir", str(out.parent)]
+    argv = ["fit", "--config", stage.fit, "--trainer.default_root_dir", str(out.parent / "logs")]
     if stage.model is not None:
         argv += ["--model.init_args.model", _substitute(stage.model, scope)]
     argv += [_substitute(str(a), scope) for a in stage.args]
-    trained = cli.run_lightning(argv)
-    from bidirlm_pl.callbacks import HFExport
-
-    exported = [cb.last_export for cb in trained.trainer.callbacks if isinstance(cb, HFExport) and cb.last_export]
-    if exported and exported[-1].is_dir():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.move(str(exported[-1]), str(out))  # the run already wrote its final export: move it
-    else:
-        trained.model.export_hf(out)
+    cli.run_lightning(argv, export_dir=str(out))
 
 
 def run_recipe(path: str | Path, *, output_dir: str | None = None, force: bool = False) -> dict[str, str]:
