@@ -214,6 +214,22 @@ def uses_varlen(config) -> bool:
     return str(config._attn_implementation).startswith(VARLEN_PREFIX)
 
 
+def varlen_segments(seq_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative lengths over the flattened (B*T) tokens: a segment per document per row.
+
+    Runs of padding (-1) become segments of their own, so they never mix with real tokens; their
+    outputs are ignored downstream.
+    """
+    B, T = seq_ids_BT.shape
+    flat = seq_ids_BT.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::T] = True  # every row starts a segment
+    begin = torch.nonzero(starts).flatten()
+    cu = torch.cat([begin, begin.new_tensor([B * T])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 def model_inputs(
     config, *, seq_ids_BT: torch.Tensor | None = None, attention_mask_BT: torch.Tensor | None = None,
     bidirectional: bool, dtype: torch.dtype = torch.float32,
@@ -222,18 +238,18 @@ def model_inputs(
 
     Packed batches give ``seq_ids_BT`` (document index per token, -1 for padding); padded batches
     give the usual 2D ``attention_mask_BT``. The result includes ``is_causal`` for the call.
+    Varlen (flash) backends get cumulative sequence lengths for both, never a mask.
     """
     kwargs: dict = {"is_causal": not bidirectional}
+    if uses_varlen(config):
+        if seq_ids_BT is None and attention_mask_BT is not None:
+            seq_ids_BT = torch.where(attention_mask_BT.bool(), 0, -1)
+        if seq_ids_BT is not None:
+            cu, longest = varlen_segments(seq_ids_BT)
+            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return kwargs
     if seq_ids_BT is None:
         kwargs["attention_mask"] = attention_mask_BT
-        return kwargs
-    if uses_varlen(config):
-        if seq_ids_BT.shape[0] != 1 or bool((seq_ids_BT < 0).any()):
-            raise ValueError("varlen backends take one packed row without padding (batch size 1)")
-        lengths = torch.unique_consecutive(seq_ids_BT[0], return_counts=True)[1]
-        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(lengths.max()),
-                      max_length_k=int(lengths.max()))
         return kwargs
     kwargs["attention_mask"] = packed_attention_mask(config, seq_ids_BT, causal=not bidirectional, dtype=dtype)
     return kwargs

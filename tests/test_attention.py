@@ -141,3 +141,28 @@ def test_saved_bidirectional_model_reloads_bidirectional(tiny_qwen3, tmp_path):
     changed = ids.clone()
     changed[:, -1] += 1
     assert (reloaded(input_ids=ids).last_hidden_state[:, 0] - reloaded(input_ids=changed).last_hidden_state[:, 0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_varlen_standin_handles_several_rows_and_padding(tiny_path, bidirectional):
+    """Packed rows with trailing padding, and right-padded batches, on the flash plumbing."""
+    flash, tok = load_backbone(tiny_path, attn_implementation=STANDIN, bidirectional=bidirectional)
+    sdpa, _ = load_backbone(tiny_path, attn_implementation="sdpa", bidirectional=bidirectional)
+    vocab = flash.config.vocab_size
+    # two packed rows of 14 slots: [5 + 6 docs, 3 pads], [9 doc, 5 pads]
+    ids = _ids(vocab, B=2, T=14, seed=3)
+    seq = torch.tensor([[0] * 5 + [1] * 6 + [-1] * 3, [0] * 9 + [-1] * 5])
+    pos = torch.tensor([list(range(5)) + list(range(6)) + [0] * 3, list(range(9)) + [0] * 5])
+    out_flash = _hidden(flash, input_ids=ids, position_ids=pos,
+                        **attention.model_inputs(flash.config, seq_ids_BT=seq, bidirectional=bidirectional))
+    out_sdpa = _hidden(sdpa, input_ids=ids, position_ids=pos,
+                       **attention.model_inputs(sdpa.config, seq_ids_BT=seq, bidirectional=bidirectional))
+    real = seq >= 0
+    assert (out_flash[real] - out_sdpa[real]).abs().max() <= 1e-5
+    tok.padding_side = "right"
+    batch = tok(["The river bank was muddy after the storm.", "Rates rose."], return_tensors="pt", padding=True)
+    kw = attention.model_inputs(flash.config, attention_mask_BT=batch["attention_mask"], bidirectional=bidirectional)
+    padded_flash = _hidden(flash, input_ids=batch["input_ids"], **kw)
+    padded_sdpa = _hidden(sdpa, **batch, is_causal=not bidirectional)
+    keep = batch["attention_mask"].bool()
+    assert (padded_flash[keep] - padded_sdpa[keep]).abs().max() <= 1e-5
