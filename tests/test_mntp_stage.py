@@ -39,7 +39,7 @@ def test_fit_tiny_exports_a_bidirectional_folder_that_reloads(tmp_path, monkeypa
     assert (run / "config.yaml").exists()
 
 
-def test_lora_fit_merges_adapters_on_export(tmp_path, monkeypatch):
+def test_lora_fit_merges_adapters_on_export(tmp_path, monkeypatch, tiny_qwen3):
     monkeypatch.chdir(tmp_path)
     code = main(["fit", "--config", TINY, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
                  "--model.init_args.lora", "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"])
@@ -47,6 +47,11 @@ def test_lora_fit_merges_adapters_on_export(tmp_path, monkeypatch):
     export = next(Path("runs/mntp-tiny").glob("**/hf"))
     state = load_backbone(export)[0].state_dict()
     assert not any("lora" in k for k in state)
+    base = load_backbone(tiny_qwen3)[0].state_dict()
+    assert state.keys() == base.keys()
+    # adapted modules changed (adapters merged in), the others are the base weights
+    assert not torch.equal(state["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
 @pytest.mark.parametrize("args, message", [
