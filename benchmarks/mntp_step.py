@@ -14,6 +14,7 @@ gradients, so the difference is the logits and their backward). Fresh processes 
 keeping freed pages of an earlier step. Reported: peak step memory of each variant and their ratio.
 
     flock /tmp/bidirlm-heavy.lock python benchmarks/mntp_step.py --repeats 5
+    flock /tmp/bidirlm-heavy.lock python benchmarks/mntp_step.py --repeats 5 --trainable attention,ffn,norms
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def build(args):
     from bidirlm_pl.stages.mntp import MNTPStage
 
     torch.manual_seed(0)
-    stage = MNTPStage(args.model, attn_implementation="sdpa", dtype="float32", loss_chunk_size=args.chunk)
+    stage = MNTPStage(args.model, attn_implementation="sdpa", dtype="float32", loss_chunk_size=args.chunk,
+                      trainable=args.trainable.split(","))
     stage.configure_model()
     dm = TextDataModule(args.model, sources=[SourceSpec("lee", kind="lee")], max_length=args.length,
                         batch_size=args.batch, val_fraction=0.0, mask=MaskSpec(ratio=0.3), check_documents=10)
@@ -80,15 +82,19 @@ def build(args):
 def step_fn(stage, batch, optimizer, variant: str):
     from bidirlm_pl.mntp_loss import full_logits_mntp_loss
 
-    def run():
+    def run(timings: list | None = None):
+        start = time.perf_counter()
         if variant == "sparse":
             loss = stage.step(batch)["loss"]
         else:
             logits_BTV = stage.backbone(**stage.model_kwargs(batch)).logits
             loss = full_logits_mntp_loss(logits_BTV, batch["labels"])
         loss.backward()
+        middle = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if timings is not None:
+            timings.append((middle - start, time.perf_counter() - middle))
         return float(loss.detach())
 
     return run
@@ -111,6 +117,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk", type=int, default=None, help="loss_chunk_size of the sparse variant")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trainable", default="all",
+                        help="comma-separated groups, e.g. attention,ffn,norms (configs/mntp/gemma3-270m.yaml)")
     parser.add_argument("--memory-child", choices=["sparse", "full"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,26 +128,29 @@ def main() -> None:
     stage, batch, optimizer = build(args)
     n_masked = int((batch["labels"] != -100).sum())
     print(f"model {args.model}, batch {args.batch} x {args.length}, masked tokens {n_masked}, "
-          f"vocab {stage.backbone.config.vocab_size}, threads {args.threads}, fp32, chunk {args.chunk}")
+          f"vocab {stage.backbone.config.vocab_size}, threads {args.threads}, fp32, chunk {args.chunk}, "
+          f"trainable {args.trainable} ({sum(p.numel() for p in stage.parameters() if p.requires_grad) / 1e6:.0f}M)")
     runs = {v: step_fn(stage, batch, optimizer, v) for v in ("sparse", "full")}
     for run in runs.values():  # warm-up
         run()
-    times = {"sparse": [], "full": []}
+    parts = {"sparse": [], "full": []}
     for i in range(args.repeats):
         for v in (("sparse", "full") if i % 2 == 0 else ("full", "sparse")):
-            start = time.perf_counter()
-            runs[v]()
-            times[v].append(time.perf_counter() - start)
-    med = {v: statistics.median(t) for v, t in times.items()}
-    for v, measured in times.items():
-        print(f"{v:6s} step: median {med[v]:.3f} s  (runs: {', '.join(f'{t:.2f}' for t in measured)})")
-    print(f"time ratio full / sparse: {med['full'] / med['sparse']:.2f}x")
+            runs[v](parts[v])
+    med = {v: statistics.median(a + b for a, b in p) for v, p in parts.items()}
+    fwd_bwd = {v: statistics.median(a for a, _ in p) for v, p in parts.items()}
+    opt = {v: statistics.median(b for _, b in p) for v, p in parts.items()}
+    for v, p in parts.items():
+        print(f"{v:6s} step: median {med[v]:.3f} s = forward+backward {fwd_bwd[v]:.3f} s + AdamW {opt[v]:.3f} s  "
+              f"(steps: {', '.join(f'{a + b:.2f}' for a, b in p)})")
+    print(f"time ratio full / sparse: step {med['full'] / med['sparse']:.2f}x, "
+          f"forward+backward {fwd_bwd['full'] / fwd_bwd['sparse']:.2f}x")
     del stage, batch, optimizer, runs
 
     mem = {}
     for v in ("sparse", "full"):
         cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--length",
-               str(args.length), "--threads", str(args.threads), "--memory-child", v]
+               str(args.length), "--threads", str(args.threads), "--trainable", args.trainable, "--memory-child", v]
         if args.chunk:
             cmd += ["--chunk", str(args.chunk)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
