@@ -129,3 +129,19 @@ def test_datamodule_config_errors():
         load_rows(PairSource(name="x", mode="triplets", kind="lee"))
     with pytest.raises(BidirLMError, match="weight 0"):
         load_rows(PairSource(name="x", mode="simcse", kind="lee", weight=0))
+
+
+def test_validation_sources_and_held_out_fraction(tiny_qwen3):
+    dm = PairsDataModule(tokenizer=str(tiny_qwen3), batch_size=4, max_length=16,
+                         sources=[PairSource(name="s", mode="simcse", kind="lee", max_rows=20)],
+                         val_sources=[PairSource(name="v", mode="halves", kind="lee_documents", max_rows=10)])
+    dm.setup("fit")
+    val = list(dm.val_dataloader())
+    assert [b["query"]["input_ids"].shape[0] for b in val] == [4, 4, 2]  # in order, last batch kept
+    assert sum(len(r) for r in dm.train_rows) == 20
+    held = PairsDataModule(tokenizer=str(tiny_qwen3), batch_size=4, max_length=16, val_fraction=0.25,
+                           sources=[PairSource(name="s", mode="simcse", kind="lee", max_rows=20)])
+    held.setup("fit")
+    train_texts = {r["anchor"] for r in held.train_rows[0]}
+    val_texts = {r["anchor"] for r in held.val_rows[0]}
+    assert len(val_texts) == 5 and len(train_texts) == 15 and not train_texts & val_texts
