@@ -177,8 +177,8 @@ class Encoder:
             flat = [t for seq in ids for t in seq]
             seq_ids = torch.tensor([[k for k, seq in enumerate(ids) for _ in seq]], device=device)
             positions = torch.tensor([[p for seq in ids for p in range(len(seq))]], device=device)
-            pool = torch.tensor([[int(p >= prefixes[k]) for k, seq in enumerate(ids) for p in range(len(seq))]],
-                                device=device)
+            pool = torch.tensor([[int(p >= min(prefixes[k], len(seq) - 1)) for k, seq in enumerate(ids)
+                                  for p in range(len(seq))]], device=device)
             kwargs = attention.model_inputs(self.model.config, seq_ids_BT=seq_ids, bidirectional=not getattr(
                 self.model.config, "is_causal", True), dtype=self.model.dtype)
             hidden = self.model(input_ids=torch.tensor([flat], device=device), position_ids=positions,

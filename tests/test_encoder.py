@@ -74,6 +74,8 @@ def test_packed_encoding_equals_padded(exported):
     padded = enc.encode(texts, batch_size=3, pack=False)
     packed = enc.encode(texts, batch_size=3, pack=True)
     assert np.abs(padded - packed).max() <= 1e-5
+    prompted = [enc.encode(texts, batch_size=3, pack=p, prompt=INSTRUCTION) for p in (False, True)]
+    assert np.abs(prompted[0] - prompted[1]).max() <= 1e-5
     # order is the input order whatever the length sort did
     single = np.stack([enc.encode(t) for t in texts])
     assert np.abs(single - padded).max() <= 1e-5
