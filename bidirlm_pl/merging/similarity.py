@@ -82,11 +82,11 @@ class SimilarityReport:
 
     def table(self) -> str:
         lines = [f"cosine similarity of {self.a} and {self.b}",
-                 f"{'group':<14}{'cosine':>12}{'|a-b|/|a|':>12}{'parameters':>14}"]
+                 f"{'group':<14}{'cosine':>14}{'|a-b|/|a|':>12}{'parameters':>14}"]
         rows = [("overall", self.overall)] + sorted(self.groups.items())
         rows += [(f"layer {k}", v) for k, v in sorted(self.layers.items())]
         for name, sums in rows:
-            lines.append(f"{name:<14}{sums.cosine:>12.6f}{sums.relative_distance:>12.6f}{sums.count:>14,}")
+            lines.append(f"{name:<14}{sums.cosine:>14.9f}{sums.relative_distance:>12.3e}{sums.count:>14,}")
         if self.unmatched:
             lines.append(f"unmatched keys: {len(self.unmatched)} (e.g. {self.unmatched[0]})")
         return "\n".join(lines)
