@@ -128,6 +128,7 @@ class BackboneStage(L.LightningModule):
         if self.backbone is not None:
             return
         self.backbone, self.tokenizer = self.build_model()
+        self.backbone.train()  # from_pretrained returns eval mode and Lightning keeps module modes
         self.trainable_counts = apply_trainable(self.backbone, self.trainable)
         if self.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
