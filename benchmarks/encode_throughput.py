@@ -6,7 +6,7 @@ alternating, ``--repeats`` times after one warm-up each; the script prints texts
 median ratio (ours / Sentence-Transformers; > 1 means we are faster) and the largest embedding
 difference (must stay <= 1e-5).
 
-    flock /tmp/bidirlm-heavy.lock python benchmarks/encode_throughput.py --model /work/runs/contrastive-gemma3-270m/hf
+    python benchmarks/encode_throughput.py --model runs/contrastive-gemma3-270m/hf
 """
 
 from __future__ import annotations

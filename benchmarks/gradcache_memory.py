@@ -6,7 +6,7 @@ every 2 ms during one forward+backward, and the step's peak is reported above th
 before it (``MALLOC_MMAP_THRESHOLD_`` is fixed so freed tensors leave the process). Prints both
 peaks, the ratio (plain / GradCache; > 1 means GradCache saves memory), and both losses (equal).
 
-    flock /tmp/bidirlm-heavy.lock python benchmarks/gradcache_memory.py --model gemma3-270m
+    python benchmarks/gradcache_memory.py --model gemma3-270m
 """
 
 from __future__ import annotations

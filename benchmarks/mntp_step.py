@@ -13,8 +13,8 @@ just before it (weights loaded, optimizer built; both variants then allocate the
 gradients, so the difference is the logits and their backward). Fresh processes avoid the allocator
 keeping freed pages of an earlier step. Reported: peak step memory of each variant and their ratio.
 
-    flock /tmp/bidirlm-heavy.lock python benchmarks/mntp_step.py --repeats 5
-    flock /tmp/bidirlm-heavy.lock python benchmarks/mntp_step.py --repeats 5 --trainable attention,ffn,norms
+    python benchmarks/mntp_step.py --repeats 5
+    python benchmarks/mntp_step.py --repeats 5 --trainable attention,ffn,norms
 """
 
 from __future__ import annotations
