@@ -7,7 +7,7 @@ after the inputs were read once so both find them in the page cache. mergekit li
 virtual environment (``--mergekit-venv``). The script also checks that both outputs agree tensor by
 tensor and prints the similarity report of the checkpoints.
 
-    flock /tmp/bidirlm-heavy.lock python benchmarks/merge_vs_mergekit.py --workdir /work/runs/merge
+    python benchmarks/merge_vs_mergekit.py --workdir runs/merge
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def max_abs_difference(a: Path, b: Path) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/work/runs/merge")
+    parser.add_argument("--workdir", default="runs/merge")
     parser.add_argument("--mergekit-venv", default="/work/venvs/mergekit")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--finetune-steps", type=int, default=4)

@@ -14,7 +14,7 @@ Perplexity: the last ``--holdout`` Lee background documents (never seen in train
 ``--max-length`` rows, causal attention. Spearman: the 50 Lee documents, bidirectional attention,
 mean pooling, cosine over the 1225 pairs vs the human ratings. Ratios are against ``original``.
 
-    python benchmarks/ubmoe_lee.py --original gemma3-270m --ubmoe /work/runs/ubmoe/gemma3-270m/stage2/hf
+    python benchmarks/ubmoe_lee.py --original gemma3-270m --ubmoe runs/ubmoe/gemma3-270m/stage2/hf
 """
 
 from __future__ import annotations

@@ -47,3 +47,19 @@ def test_recipe_errors_are_one_line(tmp_path):
     ref.write_text("output_dir: %s\nstages:\n  - {name: a, command: [compare, '${nope}']}\n" % (tmp_path / "o"))
     with pytest.raises(BidirLMError, match="names no earlier stage"):
         run_recipe(ref)
+
+
+def test_compare_runs_ubmoe_folders_in_each_modes_routing(tmp_path):
+    """A UBMoE folder: perplexity under the generate routing, embeddings under the embed routing."""
+    from bidirlm_pl import load_backbone
+    from bidirlm_pl.evaluation.compare import compare
+    from bidirlm_pl.moe.convert import convert_to_ubmoe, save_ubmoe
+
+    model, tok = load_backbone("tiny-qwen3", bidirectional=False)
+    convert_to_ubmoe(model)
+    save_ubmoe(model, tok, tmp_path / "ubmoe")
+    plain, ubmoe = compare(["tiny-qwen3", str(tmp_path / "ubmoe")], output=str(tmp_path / "report"))
+    # expert 1 starts as a copy of expert 0, so every routing reproduces the plain model
+    assert abs(plain.perplexity - ubmoe.perplexity) <= 1e-3 * plain.perplexity
+    assert abs(plain.lee_spearman_bidirectional - ubmoe.lee_spearman_bidirectional) <= 1e-4
+    assert (tmp_path / "report" / "report.md").exists()

@@ -68,11 +68,23 @@ def evaluate_model(path: str, name: str | None = None, *, max_length: int = 256,
     start = time.time()
     model, tokenizer = load_any(path)
     model.eval()
-    ppl = causal_perplexity(model, tokenizer, assets.lee_documents(), max_length=max_length, batch_size=batch_size)
-    bidi = lee_spearman(_BidirectionalMeanEncoder(model, tokenizer, max_length), batch_size=batch_size)
-    causal = lee_spearman(_CausalMeanEncoder(model, tokenizer, max_length), batch_size=batch_size)
-    text = continuation(model, tokenizer)
+    with _ubmoe_mode(model, "generate"):  # UBMoE: each mode runs with its own recorded routing
+        ppl = causal_perplexity(model, tokenizer, assets.lee_documents(), max_length=max_length,
+                                batch_size=batch_size)
+        text = continuation(model, tokenizer)
+        causal = lee_spearman(_CausalMeanEncoder(model, tokenizer, max_length), batch_size=batch_size)
+    with _ubmoe_mode(model, "embed"):
+        bidi = lee_spearman(_BidirectionalMeanEncoder(model, tokenizer, max_length), batch_size=batch_size)
     return Row(name or _display_name(path), str(path), ppl, bidi, causal, text, time.time() - start)
+
+
+def _ubmoe_mode(model, name: str):
+    from contextlib import nullcontext
+
+    from bidirlm_pl.moe.convert import is_ubmoe
+    from bidirlm_pl.moe.modes import mode
+
+    return mode(model, name) if is_ubmoe(model) else nullcontext()
 
 
 def _display_name(path: str) -> str:
