@@ -24,10 +24,10 @@ import json
 import time
 
 import torch
-
-from bidirlm_pl import load_backbone, moe
 from bidirlm_pl.moe.data import split_documents
 from bidirlm_pl.moe.evaluate import causal_perplexity, lee_spearman
+
+from bidirlm_pl import load_backbone, moe
 
 
 def main(argv=None) -> int:
@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     print(f"{'variant':<20} {'gen routing':<12} {'perplexity':>11} {'ppl/orig':>9} {'emb routing':<12} "
           f"{'spearman':>9} {'rho-orig':>9}")
     for name, r in rows.items():
-        print(f"{name:<20} {str(r['generate_routing']):<12} {r['perplexity']:>11.3f} "
-              f"{r['perplexity'] / base['perplexity']:>9.3f} {str(r['embed_routing']):<12} "
+        print(f"{name:<20} {r['generate_routing']!s:<12} {r['perplexity']:>11.3f} "
+              f"{r['perplexity'] / base['perplexity']:>9.3f} {r['embed_routing']!s:<12} "
               f"{r['spearman']:>9.4f} {r['spearman'] - base['spearman']:>+9.4f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -18,7 +18,7 @@ Semantics (one choice, tested):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers import AttentionInterface

@@ -34,10 +34,10 @@ HF_EXPORT = "bidirlm_pl.callbacks.HFExport"
 
 
 def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
+    import lightning as L
     from jsonargparse import Namespace
     from lightning.pytorch.cli import LightningCLI
 
-    import lightning as L
     from bidirlm_pl.stages.base import BackboneStage
 
     class BidirLMCLI(LightningCLI):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-
 from bidirlm_pl.moe.convert import ubmoe_ffns
 from bidirlm_pl.moe.ffn import NUM_EXPERTS
 

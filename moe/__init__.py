@@ -18,14 +18,33 @@ from bidirlm_pl.moe.convert import (
     to_plain,
     ubmoe_ffns,
 )
-from bidirlm_pl.moe.ffn import ROUTING_MODES, UniBiFFN, load_balancing_loss
 from bidirlm_pl.moe.data import UBMoEPairsData, UBMoETextData
+from bidirlm_pl.moe.ffn import ROUTING_MODES, UniBiFFN, load_balancing_loss
 from bidirlm_pl.moe.modes import current_mode, mode, set_mode, set_mode_routing
 from bidirlm_pl.moe.stages import UBMoEStage1, UBMoEStage2, apply_moe_trainable
 
 __all__ = [
-    "ROUTING_MODES", "UBMoEPairsData", "UBMoESpec", "UBMoEStage1", "UBMoEStage2", "UBMoETextData",
-    "apply_moe_trainable", "UniBiFFN", "clear_routing_records", "convert_to_ubmoe", "current_mode",
-    "decoder_layers", "is_ubmoe", "load_balancing_loss", "load_ubmoe", "mode", "save_ubmoe", "set_mode",
-    "set_mode_routing", "set_routing", "spec_of", "to_plain", "ubmoe_ffns",
+    "ROUTING_MODES",
+    "UBMoEPairsData",
+    "UBMoESpec",
+    "UBMoEStage1",
+    "UBMoEStage2",
+    "UBMoETextData",
+    "UniBiFFN",
+    "apply_moe_trainable",
+    "clear_routing_records",
+    "convert_to_ubmoe",
+    "current_mode",
+    "decoder_layers",
+    "is_ubmoe",
+    "load_balancing_loss",
+    "load_ubmoe",
+    "mode",
+    "save_ubmoe",
+    "set_mode",
+    "set_mode_routing",
+    "set_routing",
+    "spec_of",
+    "to_plain",
+    "ubmoe_ffns",
 ]

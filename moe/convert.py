@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from bidirlm_pl.moe.ffn import NUM_EXPERTS, ROUTER_INITS, TOP1_GRADIENTS, UniBiFFN, check_routing
 from torch import nn
 
 from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.moe.ffn import NUM_EXPERTS, ROUTER_INITS, TOP1_GRADIENTS, UniBiFFN, check_routing
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "gemma3_text", "gemma3", "llama")
 FFN_LAYOUT = ("gate_proj", "up_proj", "down_proj")  # gated FFN of Qwen3 / Gemma3 / Llama
@@ -55,7 +55,7 @@ class UBMoESpec:
     prior_expert0: float = 0.5
     layers: list[int] | None = None
 
-    def validate(self) -> "UBMoESpec":
+    def validate(self) -> UBMoESpec:
         check_routing(self.routing)
         unknown = set(self.mode_routing) - set(ATTENTION_MODES)
         if unknown:
@@ -72,7 +72,7 @@ class UBMoESpec:
         return {"version": FORMAT_VERSION, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "UBMoESpec":
+    def from_dict(cls, data: dict) -> UBMoESpec:
         data = dict(data)
         version = data.pop("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from bidirlm_pl.moe.data import tokenize_documents
 
 from bidirlm_pl import attention
 from bidirlm_pl.data.packing import collate_rows, pack_documents
-from bidirlm_pl.moe.data import tokenize_documents
 
 
 def _decoder(model):

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from bidirlm_pl.moe.convert import ATTENTION_MODES, _record, set_routing, spec_of
+from bidirlm_pl.moe.ffn import check_routing
 from torch import nn
 
 from bidirlm_pl import attention
 from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.moe.convert import ATTENTION_MODES, _record, set_routing, spec_of
-from bidirlm_pl.moe.ffn import check_routing
 
 
 def _check_mode(mode: str) -> str:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bidirlm_pl.moe.convert import UBMoESpec, convert_to_ubmoe, load_ubmoe, set_routing, ubmoe_ffns
+from bidirlm_pl.moe.ffn import check_routing, load_balancing_loss
 from lightning.pytorch.cli import OptimizerCallable
 
 from bidirlm_pl.backbone import load_backbone
 from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.moe.convert import UBMoESpec, convert_to_ubmoe, load_ubmoe, set_routing, ubmoe_ffns
-from bidirlm_pl.moe.ffn import check_routing, load_balancing_loss
 from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
 
 # trainable groups of a UBMoE model; expert 0 (the original FFN) never trains

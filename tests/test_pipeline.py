@@ -51,9 +51,10 @@ def test_recipe_errors_are_one_line(tmp_path):
 
 def test_compare_runs_ubmoe_folders_in_each_modes_routing(tmp_path):
     """A UBMoE folder: perplexity under the generate routing, embeddings under the embed routing."""
+    from bidirlm_pl.moe.convert import convert_to_ubmoe, save_ubmoe
+
     from bidirlm_pl import load_backbone
     from bidirlm_pl.evaluation.compare import compare
-    from bidirlm_pl.moe.convert import convert_to_ubmoe, save_ubmoe
 
     model, tok = load_backbone("tiny-qwen3", bidirectional=False)
     convert_to_ubmoe(model)

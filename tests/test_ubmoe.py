@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from bidirlm_pl.moe.ffn import UniBiFFN, load_balancing_loss
 from transformers import AutoModelForCausalLM
 
 from bidirlm_pl import load_backbone, moe
 from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.moe.ffn import UniBiFFN, load_balancing_loss
 
 
 def _ids(vocab, B=2, T=12, seed=0):
@@ -211,9 +211,10 @@ def test_load_ubmoe_refuses_a_plain_folder(tiny_qwen3):
 
 @torch.no_grad()
 def test_packed_perplexity_equals_per_document_loss_and_forced0_matches_original(tiny_qwen3):
-    from bidirlm_pl import assets
     from bidirlm_pl.moe.data import tokenize_documents
     from bidirlm_pl.moe.evaluate import causal_perplexity
+
+    from bidirlm_pl import assets
 
     model, tok = load_backbone(tiny_qwen3, bidirectional=True)  # perplexity must run causally anyway
     texts = [t[:120] for t in assets.lee_background()[:5]]

@@ -1,17 +1,16 @@
 """UBMoE stages: what trains and what stays frozen, stage-1 equality with a plain model, CLI end to end."""
 
-import copy
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from bidirlm_pl.callbacks import RouterStats
+from bidirlm_pl.moe import UBMoEPairsData, UBMoEStage1, UBMoEStage2, UBMoETextData
 
 from bidirlm_pl import load_backbone, moe
-from bidirlm_pl.callbacks import RouterStats
 from bidirlm_pl.cli import main
 from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.moe import UBMoEPairsData, UBMoEStage1, UBMoEStage2, UBMoETextData
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ubmoe"
 
@@ -74,7 +73,7 @@ def test_stage1_takes_supervised_pairs_with_hard_negatives(tiny_qwen3, tmp_path)
     """The contrastive stage's PairsDataModule (pairs + hard negatives + instruction) feeds stage 1 as is."""
     import json
 
-    from bidirlm_pl.data.pairs import PairSource, PairsDataModule
+    from bidirlm_pl.data.pairs import PairsDataModule, PairSource
 
     docs = [d[:200] for d in __import__("bidirlm_pl.assets", fromlist=["x"]).lee_background()[:12]]
     rows = [{"anchor": d[:80], "positive": d[80:], "negatives": [docs[(i + 1) % 12][80:]]} for i, d in enumerate(docs)]

@@ -39,7 +39,7 @@ class Schedule:
 
         if self.name not in SCHEDULES:
             raise BidirLMError(f"schedule '{self.name}' is not one of {list(SCHEDULES)}")
-        steps = lambda x: int(x * total_steps) if x < 1 else int(x)  # noqa: E731
+        steps = lambda x: int(x * total_steps) if x < 1 else int(x)
         warmup = steps(self.warmup)
         if self.name == "wsd":
             return get_scheduler(
