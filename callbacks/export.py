@@ -20,6 +20,7 @@ class HFExport(L.Callback):
         self.dirpath = dirpath
         self.every_n_steps = every_n_steps
         self.last_export: Path | None = None
+        self._last_step: int | None = None
 
     def _root(self, trainer) -> Path:
         if self.dirpath is not None:
@@ -35,10 +36,10 @@ class HFExport(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and trainer.is_last_batch is not None:
-            if getattr(self, "_last_step", None) != step:
-                self._last_step = step
-                self._export(trainer, pl_module, self._root(trainer) / f"step-{step}")
+        # gradient accumulation repeats a global_step over several batches: export it once
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self._export(trainer, pl_module, self._root(trainer) / f"step-{step}")
 
     def on_fit_end(self, trainer, pl_module):
         self._export(trainer, pl_module, self._root(trainer))

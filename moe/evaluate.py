@@ -16,11 +16,8 @@ import torch
 from bidirlm_pl.moe.data import tokenize_documents
 
 from bidirlm_pl import attention
+from bidirlm_pl.backbone import decoder_of as _decoder
 from bidirlm_pl.data.packing import collate_rows, pack_documents
-
-
-def _decoder(model):
-    return model.get_decoder() if hasattr(model, "get_decoder") else model
 
 
 @torch.no_grad()

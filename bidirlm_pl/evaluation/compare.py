@@ -100,7 +100,9 @@ class _CausalMeanEncoder:
     def encode(self, texts, batch_size: int = 8, **_):
         from bidirlm_pl.pooling import mean_pool
 
-        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+        from bidirlm_pl.backbone import decoder_of
+
+        decoder = decoder_of(self.model)
         out = []
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,

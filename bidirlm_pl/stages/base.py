@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from bidirlm_pl import attention
-from bidirlm_pl.backbone import LoraSpec, load_backbone, resolve_dtype
+from bidirlm_pl.backbone import LoraSpec, decoder_of, load_backbone, resolve_dtype
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.export import save_hf_folder
 from bidirlm_pl.trainable import apply_trainable
@@ -142,7 +142,7 @@ class BackboneStage(L.LightningModule):
         if self.lora is not None:
             raise BidirLMError("LoRA with ModelParallelStrategy (FSDP2) is not supported; use DDP for LoRA")
         mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
-        decoder = self.backbone.get_decoder() if hasattr(self.backbone, "get_decoder") else self.backbone
+        decoder = decoder_of(self.backbone)
         for layer in decoder.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(self.backbone, mesh=mesh)
@@ -167,7 +167,7 @@ class BackboneStage(L.LightningModule):
             # FSDP2 gathers the root's parameters (embeddings) only when the root module runs
             out = self.backbone(**kwargs, output_hidden_states=True, logits_to_keep=1)
             return out.hidden_states[-1]
-        decoder = self.backbone.get_decoder() if hasattr(self.backbone, "get_decoder") else self.backbone
+        decoder = decoder_of(self.backbone)
         return decoder(**kwargs).last_hidden_state
 
     # ------------------------------------------------------------------ steps

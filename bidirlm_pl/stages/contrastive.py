@@ -112,9 +112,6 @@ class ContrastiveStage(BackboneStage):
         if self.backbone is not None:
             return
         super().configure_model()
-        # from_pretrained leaves the model in eval mode and Lightning keeps submodule modes: train it,
-        # or attention dropout (the SimCSE noise) would silently stay off
-        self.backbone.train()
         if self.attention_dropout is not None:
             set_attention_dropout(self.backbone, self.attention_dropout)
         hidden = self.backbone.config.get_text_config().hidden_size

@@ -125,7 +125,6 @@ class MergeStage(BackboneStage):
         config = getattr(self.backbone.config, "text_config", None) or self.backbone.config
         self.classifier = nn.Linear(config.hidden_size, self.num_labels)
         self.classifier.to(next(self.backbone.parameters()).dtype)
-        self.backbone.train()
 
     def on_fit_start(self):
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -51,10 +51,6 @@ class MNTPStage(BackboneStage):
                          optimizer=optimizer, schedule=schedule)
         self.loss_chunk_size = loss_chunk_size
 
-    def configure_model(self):
-        super().configure_model()
-        self.backbone.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
-
     def _softcap(self) -> float | None:
         config = self.backbone.config
         config = getattr(config, "text_config", None) or config
