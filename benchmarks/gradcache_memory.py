@@ -33,7 +33,7 @@ def child(model: str, batch_size: int, max_length: int, chunk: int | None) -> di
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    stage = ContrastiveStage(model, trainable=["attention", "ffn", "norms"], gradcache_chunk_size=chunk)
+    stage = ContrastiveStage({"model": model, "trainable": ["attention", "ffn", "norms"]}, gradcache_chunk_size=chunk)
     stage.configure_model()
     rows = load_rows(PairSource(name="lee", mode="halves", kind="lee", max_rows=batch_size))
     batch = PairCollator(stage.tokenizer, max_length=max_length)(rows)

@@ -68,8 +68,8 @@ def build(args):
     from bidirlm_pl.stages.mntp import MNTPStage
 
     torch.manual_seed(0)
-    stage = MNTPStage(args.model, attn_implementation="sdpa", dtype="float32", loss_chunk_size=args.chunk,
-                      trainable=args.trainable.split(","))
+    stage = MNTPStage({"model": args.model, "attn_implementation": "sdpa", "dtype": "float32",
+                       "trainable": args.trainable.split(",")}, loss_chunk_size=args.chunk)
     stage.configure_model()
     dm = TextDataModule(args.model, sources=[SourceSpec("lee", kind="lee")], max_length=args.length,
                         batch_size=args.batch, val_fraction=0.0, mask=MaskSpec(ratio=0.3), check_documents=10)

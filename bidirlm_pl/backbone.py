@@ -29,6 +29,56 @@ class LoraSpec:
     )
 
 
+@dataclass
+class BackboneSpec:
+    """The model a stage trains and how it is loaded: the ``backbone:`` block of every stage config.
+
+    One typed block shared by every stage, so that a backbone option is written once.
+    ``head``, ``bidirectional`` and ``trainable`` left at ``None`` take the stage's own default
+    (MNTP keeps the output layer, contrastive loads the bare decoder, UBMoE stage 2 runs causally...).
+
+    Args:
+        model: local HF folder or offline asset name (``gemma3-270m``, ``tiny-qwen3``, ``random:qwen3-0.6b``).
+        attn_implementation: eager, sdpa, flex_attention (CPU/GPU); varlen, flash_attention_2,
+            flash_attention_4 (CUDA, packed rows through a FlashAttention varlen kernel).
+        dtype: weights dtype at load (use the trainer's ``precision`` for mixed precision).
+        bidirectional: default attention mode of the backbone.
+        head: ``causal_lm`` keeps the output layer, ``base`` loads the bare decoder.
+        trainable: module groups that train (see ``bidirlm_pl.trainable.GROUPS``).
+        lora: LoRA adapters (then ``trainable`` defaults to the adapters only).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        compile: ``torch.compile`` each decoder layer (regional compilation: one graph reused per layer).
+    """
+
+    model: str
+    attn_implementation: str = "sdpa"
+    dtype: str = "float32"
+    bidirectional: bool | None = None
+    head: str | None = None
+    trainable: list[str] | None = None
+    lora: LoraSpec | None = None
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+    @classmethod
+    def of(cls, spec: BackboneSpec | dict | str) -> BackboneSpec:
+        """A spec from a spec, a dict of its fields (a YAML block) or a bare model reference."""
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, str):
+            return cls(model=spec)
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise BidirLMError(f"backbone keys {unknown} are unknown; expected some of "
+                                   f"{sorted(cls.__dataclass_fields__)}")
+            fields = dict(spec)
+            if isinstance(fields.get("lora"), dict):
+                fields["lora"] = LoraSpec(**fields["lora"])
+            return cls(**fields)
+        raise BidirLMError(f"backbone {spec!r} is not a model reference or a mapping of backbone fields")
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A local model folder, or the name of an offline asset (``gemma3-270m``)."""
     from bidirlm_pl import assets

@@ -43,7 +43,7 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
     class BidirLMCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
             # every DataModule takes the tokenizer of the model it feeds
-            parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
+            parser.link_arguments("model.init_args.backbone.model", "data.init_args.tokenizer")
 
         def before_instantiate_classes(self):
             # default logging: CSV and TensorBoard side by side under the run's default_root_dir

@@ -27,14 +27,14 @@ def load_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint loaded with ``weights_only=True`` (our config dataclasses allow-listed)."""
     import torch
 
-    from bidirlm_pl.backbone import LoraSpec
+    from bidirlm_pl.backbone import BackboneSpec, LoraSpec
     from bidirlm_pl.stages.base import Schedule
 
     path = Path(path)
     if not path.is_file():
         raise BidirLMError(f"checkpoint '{path}' does not exist; expected a .ckpt file written by `bidirlm fit`")
     try:
-        with torch.serialization.safe_globals([Schedule, LoraSpec]):
+        with torch.serialization.safe_globals([Schedule, LoraSpec, BackboneSpec]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling refusals and corrupt files alike
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -46,7 +46,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def stage_from_checkpoint(ckpt: dict):
     """Rebuild the stage (a BackboneStage subclass) of a checkpoint and load its trained weights."""
-    from bidirlm_pl.backbone import LoraSpec
+    from bidirlm_pl.backbone import BackboneSpec
     from bidirlm_pl.stages.base import BackboneStage, Schedule
 
     hparams = dict(ckpt["hyper_parameters"])
@@ -63,8 +63,8 @@ def stage_from_checkpoint(ckpt: dict):
         raise BidirLMError(f"checkpoint stage class '{class_path}' is not a bidirlm_pl BackboneStage")
     if isinstance(hparams.get("schedule"), dict):
         hparams["schedule"] = Schedule(**hparams["schedule"])
-    if isinstance(hparams.get("lora"), dict):
-        hparams["lora"] = LoraSpec(**hparams["lora"])
+    if isinstance(hparams.get("backbone"), dict | str):
+        hparams["backbone"] = BackboneSpec.of(hparams["backbone"])
     stage = cls(**hparams)
     stage.configure_model()
     missing, unexpected = stage.load_state_dict(ckpt["state_dict"], strict=False)

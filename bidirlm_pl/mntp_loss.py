@@ -116,3 +116,42 @@ def full_logits_mntp_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
     V = logits_BTV.shape[-1]
     return F.cross_entropy(logits_BTV[:, :-1].reshape(-1, V).float(), labels_BT[:, 1:].reshape(-1),
                            ignore_index=ignore_index)
+
+
+def next_token_labels(input_ids_BT: torch.Tensor, *, seq_ids_BT: torch.Tensor | None = None,
+                      attention_mask_BT: torch.Tensor | None = None,
+                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Labels of the causal-LM loss: every real token whose predecessor is a real token of its document."""
+    labels_BT = input_ids_BT.clone()
+    if seq_ids_BT is not None:
+        labels_BT[seq_ids_BT < 0] = ignore_index  # prediction_mask drops document starts
+    elif attention_mask_BT is not None:
+        real_BT = attention_mask_BT.bool()
+        labels_BT[~real_BT] = ignore_index
+        labels_BT[:, 1:][~real_BT[:, :-1]] = ignore_index  # a real token after padding (left padding)
+    return labels_BT
+
+
+def causal_lm_loss(
+    hidden_BTD: torch.Tensor,
+    batch: dict,
+    output_layer: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+) -> MNTPOutput:
+    """Mean next-token cross-entropy of a packed or padded batch without full-vocabulary logits for it.
+
+    The causal LM loss is MNTP's loss with every position a target: the same sparse, chunked path,
+    so peak memory holds ``chunk_size x V`` logits, never ``B x T x V``.
+    """
+    labels_BT = next_token_labels(batch["input_ids"], seq_ids_BT=batch.get("seq_ids"),
+                                  attention_mask_BT=batch.get("attention_mask"))
+    return mntp_loss(hidden_BTD, labels_BT, output_layer, seq_ids_BT=batch.get("seq_ids"),
+                     chunk_size=chunk_size, softcap=softcap)
+
+
+def final_logit_softcap(model) -> float | None:
+    """The model's final logit soft-capping (Gemma), or None."""
+    config = getattr(model.config, "text_config", None) or model.config
+    return getattr(config, "final_logit_softcapping", None)

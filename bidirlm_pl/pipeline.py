@@ -85,7 +85,7 @@ def run_stage(stage: Stage, out: Path, outputs: dict[str, str]) -> None:
         return
     argv = ["fit", "--config", stage.fit, "--trainer.default_root_dir", str(out.parent / "logs")]
     if stage.model is not None:
-        argv += ["--model.init_args.model", _substitute(stage.model, scope)]
+        argv += ["--model.init_args.backbone.model", _substitute(stage.model, scope)]
     argv += [_substitute(str(a), scope) for a in stage.args]
     cli.run_lightning(argv, export_dir=str(out))
 

@@ -11,7 +11,7 @@
 
 Both export a UBMoE folder (``config.json`` records the MoE; reload with ``bidirlm_pl.moe.load_ubmoe``).
 
->>> stage = UBMoEStage1(model="tiny-qwen3")  # doctest: +SKIP
+>>> stage = UBMoEStage1(backbone={"model": "tiny-qwen3"})  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from bidirlm_pl.moe.convert import UBMoESpec, convert_to_ubmoe, load_ubmoe, set_
 from bidirlm_pl.moe.ffn import check_routing, load_balancing_loss
 from lightning.pytorch.cli import OptimizerCallable
 
-from bidirlm_pl.backbone import load_backbone
+from bidirlm_pl.backbone import BackboneSpec, load_backbone
 from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.mntp_loss import causal_lm_loss, final_logit_softcap
 from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
 
 # trainable groups of a UBMoE model; expert 0 (the original FFN) never trains
@@ -77,12 +78,18 @@ class _UBMoEStage(BackboneStage):
 
     train_routing: str
 
-    def __init__(self, model: str, *, ubmoe: UBMoESpec | None, routing: str, trainable: list[str],
-                 bidirectional: bool, **kwargs):
-        super().__init__(model=model, bidirectional=bidirectional, head="causal_lm", trainable=list(trainable),
-                         **kwargs)
-        if trainable is not None and not list(trainable):
+    fixed_head = "causal_lm"  # stage 2's loss and generation need the output layer
+
+    def default_trainable(self) -> list[str]:
+        return list(self.default_groups)
+
+    def __init__(self, backbone: BackboneSpec, *, ubmoe: UBMoESpec | None, routing: str, **kwargs):
+        super().__init__(backbone, **kwargs)
+        trainable = self.trainable
+        if self.backbone_spec.trainable is not None and not list(self.backbone_spec.trainable):
             raise BidirLMError("UBMoE 'trainable' is empty; nothing would train")
+        if self.lora is not None:
+            raise BidirLMError("UBMoE stages train expert 1 or the routers directly; backbone.lora must be null")
         for g in trainable:
             if g not in MOE_GROUP_PATTERNS:
                 raise BidirLMError(f"UBMoE trainable group '{g}' is not one of {list(MOE_GROUP_PATTERNS)} "
@@ -96,7 +103,7 @@ class _UBMoEStage(BackboneStage):
             raise BidirLMError(f"routing '{routing}' gives no gradient to trainable groups {list(trainable)}: "
                                f"nothing would train")
         self.spec = (ubmoe or UBMoESpec()).validate()
-        self.folder_spec = _folder_spec(model)
+        self.folder_spec = _folder_spec(self.model_path)
 
     def build_model(self):
         if self.folder_spec is not None:
@@ -117,43 +124,38 @@ class _UBMoEStage(BackboneStage):
         self.trainable_counts = apply_moe_trainable(self.backbone, self.trainable)
         # from_pretrained returns eval mode and Lightning keeps module modes: dropout needs train mode
         self.backbone.train(self.training)
-        if self.gradient_checkpointing:
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.finish_model()
 
 
 class UBMoEStage1(_UBMoEStage):
     """UBMoE stage 1: contrastive fine-tuning of the FFN copies (expert 1) with bidirectional attention.
 
     Args:
-        model: a plain Qwen3/Gemma3/Llama folder or asset (converted here) or a UBMoE folder.
+        backbone: ``model`` is a plain Qwen3/Gemma3/Llama folder or asset (converted here), an exported
+            stage output (MNTP, merged...) or a UBMoE folder; ``trainable`` defaults to ``[expert1]``.
         ubmoe: how to convert a plain model (router init, per-mode routing; see ``UBMoESpec``).
         temperature: InfoNCE temperature (0.05 as the UBMoE code).
         attention_dropout: dropout on attention probabilities while training (the SimCSE noise).
-        trainable: UBMoE groups that train (default: expert 1 only).
         routing: routing while training (``forced1``: every token through expert 1).
         Other arguments as :class:`BackboneStage`.
     """
 
+    default_groups = ("expert1",)
+    fixed_bidirectional = True
+
     def __init__(
         self,
-        model: str,
+        backbone: BackboneSpec,
         ubmoe: UBMoESpec | None = None,
         temperature: float = 0.05,
         attention_dropout: float = 0.1,
-        trainable: list[str] | None = None,
         routing: str = "forced1",
-        attn_implementation: str = "sdpa",
-        dtype: str = "float32",
-        gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
     ):
         from bidirlm_pl.losses import InfoNCE
 
-        trainable = ["expert1"] if trainable is None else trainable
-        super().__init__(model, ubmoe=ubmoe, routing=routing, trainable=trainable, bidirectional=True,
-                         attn_implementation=attn_implementation, dtype=dtype,
-                         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, schedule=schedule)
+        super().__init__(backbone, ubmoe=ubmoe, routing=routing, optimizer=optimizer, schedule=schedule)
         if not 0.0 <= attention_dropout < 1.0:
             raise BidirLMError(f"attention_dropout {attention_dropout} is not in [0, 1)")
         self.attention_dropout = attention_dropout
@@ -220,42 +222,44 @@ class UBMoEStage2(_UBMoEStage):
     """UBMoE stage 2: train only the routers with the causal next-token loss.
 
     Args:
-        model: a UBMoE folder written by stage 1 (a plain model has identical experts: nothing to learn).
+        backbone: ``model`` is a UBMoE folder written by stage 1 (a plain model has identical experts:
+            nothing to learn); ``trainable`` defaults to ``[router]``.
         routing: ``soft`` or ``top1`` while training (both give the router a gradient).
         load_balance: weight of the Switch load-balancing loss (0 = off).
-        trainable: UBMoE groups that train (default: the routers only).
+        loss_chunk_size: positions projected through the output layer at once (logits recomputed in
+            backward): the loss never holds full-vocabulary logits for the whole batch.
         Other arguments as :class:`BackboneStage`.
     """
 
+    default_groups = ("router",)
+    fixed_bidirectional = False
+
     def __init__(
         self,
-        model: str,
+        backbone: BackboneSpec,
         routing: str = "soft",
         load_balance: float = 0.0,
-        trainable: list[str] | None = None,
-        attn_implementation: str = "sdpa",
-        dtype: str = "float32",
-        gradient_checkpointing: bool = False,
+        loss_chunk_size: int | None = 1024,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
     ):
-        trainable = ["router"] if trainable is None else trainable
-        super().__init__(model, ubmoe=None, routing=routing, trainable=trainable, bidirectional=False,
-                         attn_implementation=attn_implementation, dtype=dtype,
-                         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, schedule=schedule)
+        super().__init__(backbone, ubmoe=None, routing=routing, optimizer=optimizer, schedule=schedule)
         if self.folder_spec is None:
             raise BidirLMError(
-                f"stage 2 model '{model}' is not a UBMoE folder (run stage 1 first): with identical experts "
+                f"stage 2 model '{self.model_path}' is not a UBMoE folder (run stage 1 first): with identical experts "
                 f"the router would learn nothing"
             )
         if load_balance < 0:
             raise BidirLMError(f"load_balance {load_balance} must be >= 0")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise BidirLMError(f"loss_chunk_size {loss_chunk_size} must be a positive number of positions or null")
         self.load_balance = load_balance
+        self.loss_chunk_size = loss_chunk_size
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
-        kwargs = self.model_kwargs(batch, bidirectional=False)
-        logits_BTV = self.backbone(**kwargs).logits
-        lm_loss, _ = next_token_loss(logits_BTV, batch)
+        hidden_BTD = self.hidden_states(batch, bidirectional=False)
+        lm_loss = causal_lm_loss(hidden_BTD, batch, self.backbone.get_output_embeddings(),
+                                 chunk_size=self.loss_chunk_size, softcap=final_logit_softcap(self.backbone)).loss
         out = {"lm_loss": lm_loss.detach(), "perplexity": lm_loss.detach().exp()}
         loss = lm_loss
         ffns = [f for f in ubmoe_ffns(self.backbone) if f.last_probs_BTE is not None]

@@ -44,7 +44,7 @@ def test_stage_rejects_missing_model_before_training(tmp_path):
     from bidirlm_pl.stages.base import BackboneStage
 
     with pytest.raises(BidirLMError, match="neither a local model folder nor an offline asset"):
-        BackboneStage(model=str(tmp_path / "nope"))
+        BackboneStage(backbone={"model": str(tmp_path / "nope")})
 
 
 def test_cli_error_is_one_line(tmp_path):

@@ -153,7 +153,7 @@ def test_varlen_backend_packs_rows_and_matches_sdpa(tiny_qwen3):
     out = []
     for impl in ("sdpa", backend):
         torch.manual_seed(0)
-        stage = ContrastiveStage(str(tiny_qwen3), attn_implementation=impl)
+        stage = ContrastiveStage({"model": str(tiny_qwen3), "attn_implementation": impl})
         stage.configure_model()
         stage.eval()
         group = _batch(stage.tokenizer)["query"]

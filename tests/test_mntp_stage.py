@@ -42,7 +42,7 @@ def test_fit_tiny_exports_a_bidirectional_folder_that_reloads(tmp_path, monkeypa
 def test_lora_fit_merges_adapters_on_export(tmp_path, monkeypatch, tiny_qwen3):
     monkeypatch.chdir(tmp_path)
     code = main(["fit", "--config", TINY, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                 "--model.init_args.lora", "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"])
+                 "--model.init_args.backbone.lora", "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"])
     assert code == 0
     export = next(Path("runs/mntp-tiny").glob("**/hf"))
     state = load_backbone(export)[0].state_dict()

@@ -43,7 +43,7 @@ def stage1_folder(tmp_path_factory, tiny_qwen3):
 
 
 def test_stage1_trains_only_expert1_and_equals_a_plain_model(tiny_path, tmp_path):
-    stage = UBMoEStage1(model=str(tiny_path), optimizer=_sgd, attention_dropout=0.3)
+    stage = UBMoEStage1(backbone=str(tiny_path), optimizer=_sgd, attention_dropout=0.3)
     data = UBMoEPairsData(tokenizer=str(tiny_path), max_length=32, batch_size=4, holdout=10)
     stage.configure_model()
     before = _snapshot(stage)
@@ -80,7 +80,7 @@ def test_stage1_takes_supervised_pairs_with_hard_negatives(tiny_qwen3, tmp_path)
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data = PairsDataModule(tokenizer=str(tiny_qwen3), batch_size=4, max_length=32, sources=[PairSource(
         name="p", mode="pairs", path=str(tmp_path / "pairs.jsonl"), num_negatives=1, query_instruction="Query: ")])
-    stage = UBMoEStage1(model=str(tiny_qwen3), optimizer=_sgd)
+    stage = UBMoEStage1(backbone=str(tiny_qwen3), optimizer=_sgd)
     stage.configure_model()
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -94,7 +94,7 @@ def test_stage1_takes_supervised_pairs_with_hard_negatives(tiny_qwen3, tmp_path)
 
 @pytest.mark.parametrize("routing", ["soft", "top1"])
 def test_stage2_router_gets_gradient_and_frozen_parameters_stay(stage1_folder, routing):
-    stage = UBMoEStage2(model=str(stage1_folder), routing=routing, load_balance=0.01, optimizer=_sgd)
+    stage = UBMoEStage2(backbone=str(stage1_folder), routing=routing, load_balance=0.01, optimizer=_sgd)
     data = UBMoETextData(tokenizer=str(stage1_folder), max_length=48, batch_size=2, holdout=10)
     stage.configure_model()
     data.setup("fit")
@@ -132,13 +132,13 @@ def test_router_stats_shares_count_real_tokens(stage1_folder):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda m, f: UBMoEStage1(model=m, trainable=[]), "nothing would train"),
-    (lambda m, f: UBMoEStage1(model=m, trainable=["ffn"]), "trainable group 'ffn' is not one of"),
-    (lambda m, f: UBMoEStage1(model=m, routing="forced0"), "routing 'forced0' gives no gradient"),
-    (lambda m, f: UBMoEStage1(model=m, routing="hard"), "routing mode 'hard'"),
-    (lambda m, f: UBMoEStage2(model=m), "is not a UBMoE folder"),
-    (lambda m, f: UBMoEStage2(model=f, routing="forced1"), "routing 'forced1' gives no gradient"),
-    (lambda m, f: UBMoEStage2(model=f, load_balance=-1), "load_balance -1"),
+    (lambda m, f: UBMoEStage1({"model": m, "trainable": []}), "nothing would train"),
+    (lambda m, f: UBMoEStage1({"model": m, "trainable": ["ffn"]}), "trainable group 'ffn' is not one of"),
+    (lambda m, f: UBMoEStage1(backbone=m, routing="forced0"), "routing 'forced0' gives no gradient"),
+    (lambda m, f: UBMoEStage1(backbone=m, routing="hard"), "routing mode 'hard'"),
+    (lambda m, f: UBMoEStage2(backbone=m), "is not a UBMoE folder"),
+    (lambda m, f: UBMoEStage2(backbone=f, routing="forced1"), "routing 'forced1' gives no gradient"),
+    (lambda m, f: UBMoEStage2(backbone=f, load_balance=-1), "load_balance -1"),
     (lambda m, f: UBMoEPairsData(tokenizer=m, batch_size=1), "batch_size 1 must be >= 2"),
 ])
 def test_stage_configs_that_would_train_nothing_fail_before_training(tiny_qwen3, stage1_folder, make, match):
@@ -149,7 +149,7 @@ def test_stage_configs_that_would_train_nothing_fail_before_training(tiny_qwen3,
 
 def test_cli_bad_stage_config_is_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc = main(["fit", "--config", str(CONFIGS / "stage1-tiny.yaml"), "--model.init_args.trainable=[router]",
+    rc = main(["fit", "--config", str(CONFIGS / "stage1-tiny.yaml"), "--model.init_args.backbone.trainable=[router]",
                "--model.init_args.routing=forced1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("bidirlm: error: routing 'forced1' gives no gradient")

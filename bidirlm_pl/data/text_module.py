@@ -74,7 +74,7 @@ class TextDataModule(L.LightningDataModule):
     """Text for MNTP (and any packed-text stage): sources, mixture, packing, masking.
 
     Args:
-        tokenizer: model folder or asset name whose tokenizer to use (linked from ``model.init_args.model``).
+        tokenizer: model folder or asset name whose tokenizer to use (linked from ``model.init_args.backbone.model``).
         sources: weighted named sources (:class:`SourceSpec`).
         max_length: tokens per packed row (at most the model's ``max_position_embeddings``).
         batch_size: rows per batch (per process).

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from bidirlm_pl import attention
-from bidirlm_pl.backbone import LoraSpec, decoder_of, load_backbone, resolve_dtype
+from bidirlm_pl.backbone import BackboneSpec, decoder_of, load_backbone, resolve_dtype
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.export import save_hf_folder
 from bidirlm_pl.trainable import apply_trainable
@@ -70,51 +70,68 @@ def _check_model_reference(model: str) -> None:
         )
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """Regional compilation: ``torch.compile`` every decoder layer in place (one graph, reused); return the count."""
+    layers = decoder_of(model).layers
+    for layer in layers:
+        layer.compile(dynamic=None)
+    return len(layers)
+
+
 class BackboneStage(L.LightningModule):
     """Shared system for adaptation stages.
 
     Args:
-        model: local HF folder or offline asset name (``gemma3-270m``, ``tiny-qwen3``...).
-        attn_implementation: eager, sdpa, flex_attention or flash_attention_2.
-        dtype: weights dtype at load (use the trainer's ``precision`` for mixed precision).
-        bidirectional: default attention mode of the backbone.
-        head: ``causal_lm`` keeps the output layer, ``base`` loads the bare decoder.
-        trainable: module groups that train (see ``bidirlm_pl.trainable.GROUPS``).
-        lora: LoRA adapters (then ``trainable`` defaults to the adapters only).
-        gradient_checkpointing: recompute activations in backward to save memory.
+        backbone: the model and how to load it (:class:`~bidirlm_pl.backbone.BackboneSpec`; the
+            ``backbone:`` block of the YAML). A bare string is taken as ``backbone.model``.
         optimizer: a callable from the config, e.g. ``class_path: torch.optim.AdamW``.
         schedule: learning-rate schedule.
+
+    Subclasses set their defaults for the spec's open fields as class attributes, and
+    ``fixed_head`` / ``fixed_bidirectional`` where the stage only makes sense one way.
     """
+
+    default_head: str = "causal_lm"
+    default_bidirectional: bool = True
+    fixed_head: str | None = None
+    fixed_bidirectional: bool | None = None
 
     def __init__(
         self,
-        model: str,
-        attn_implementation: str = "sdpa",
-        dtype: str = "float32",
-        bidirectional: bool = True,
-        head: str = "causal_lm",
-        trainable: list[str] | None = None,
-        lora: LoraSpec | None = None,
-        gradient_checkpointing: bool = False,
+        backbone: BackboneSpec,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        _check_model_reference(model)
-        self.model_path = model
-        self.attn_implementation = attn_implementation
-        self.dtype_name = dtype
-        resolve_dtype(dtype)
+        spec = BackboneSpec.of(backbone)
+        _check_model_reference(spec.model)
+        resolve_dtype(spec.dtype)
+        head = spec.head or self.fixed_head or self.default_head
+        if self.fixed_head is not None and head != self.fixed_head:
+            raise BidirLMError(f"{type(self).__name__} needs backbone.head '{self.fixed_head}', not '{head}'")
+        bidirectional = spec.bidirectional
+        if bidirectional is None:
+            bidirectional = self.default_bidirectional if self.fixed_bidirectional is None else self.fixed_bidirectional
+        if self.fixed_bidirectional is not None and bidirectional != self.fixed_bidirectional:
+            raise BidirLMError(f"{type(self).__name__} runs with backbone.bidirectional "
+                               f"{self.fixed_bidirectional}, not {bidirectional}")
+        self.backbone_spec = spec
+        self.model_path = spec.model
+        self.attn_implementation = spec.attn_implementation
+        self.dtype_name = spec.dtype
         self.bidirectional = bidirectional
         self.head = head
-        self.trainable = list(trainable) if trainable else (["lora"] if lora else ["all"])
-        self.lora = lora
-        self.gradient_checkpointing = gradient_checkpointing
+        self.lora = spec.lora
+        self.trainable = list(spec.trainable) if spec.trainable else self.default_trainable()
+        self.gradient_checkpointing = spec.gradient_checkpointing
         self.optimizer_factory = optimizer
         self.schedule = schedule or Schedule()
         self.backbone = None
         self.tokenizer = None
+
+    def default_trainable(self) -> list[str]:
+        return ["lora"] if self.lora else ["all"]
 
     # ------------------------------------------------------------------ model
     def build_model(self):
@@ -130,10 +147,16 @@ class BackboneStage(L.LightningModule):
         self.backbone, self.tokenizer = self.build_model()
         self.backbone.train()  # from_pretrained returns eval mode and Lightning keeps module modes
         self.trainable_counts = apply_trainable(self.backbone, self.trainable)
-        if self.gradient_checkpointing:
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.finish_model()
         if self.device_mesh is not None:  # ModelParallelStrategy: shard after the model is finished
             self.parallelize(self.device_mesh)
+
+    def finish_model(self) -> None:
+        """Gradient checkpointing and regional compilation, once the trainable set is chosen."""
+        if self.gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.backbone_spec.compile:
+            compile_layers(self.backbone)
 
     def parallelize(self, device_mesh) -> None:
         """FSDP2: shard every decoder layer, then the root, over the data-parallel mesh dimension."""

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from bidirlm_pl import attention
-from bidirlm_pl.backbone import LoraSpec
+from bidirlm_pl.backbone import BackboneSpec
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.losses import GradCache, InfoNCE
 from bidirlm_pl.pooling import Pooling
@@ -65,16 +65,11 @@ class ContrastiveStage(BackboneStage):
         query_instruction: recorded as the ``query`` prompt of the exported model (excluded from pooling).
     """
 
+    default_head = "base"  # embeddings need no output layer
+
     def __init__(
         self,
-        model: str,
-        attn_implementation: str = "sdpa",
-        dtype: str = "float32",
-        bidirectional: bool = True,
-        head: str = "base",
-        trainable: list[str] | None = None,
-        lora: LoraSpec | None = None,
-        gradient_checkpointing: bool = False,
+        backbone: BackboneSpec,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
         pooling: str = "mean",
@@ -90,9 +85,7 @@ class ContrastiveStage(BackboneStage):
         max_length: int = 512,
         query_instruction: str | None = None,
     ):
-        super().__init__(model, attn_implementation=attn_implementation, dtype=dtype, bidirectional=bidirectional,
-                         head=head, trainable=trainable, lora=lora, gradient_checkpointing=gradient_checkpointing,
-                         optimizer=optimizer, schedule=schedule)
+        super().__init__(backbone, optimizer=optimizer, schedule=schedule)
         Pooling(pooling, hidden_size=8, num_latents=1, num_heads=1)  # validate the mode now
         self.pooling_mode = pooling
         self.normalize = normalize

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from bidirlm_pl.backbone import LoraSpec, load_backbone
+from bidirlm_pl.backbone import BackboneSpec, load_backbone
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.merging.engine import MergeSpec, merge, plan
 from bidirlm_pl.pooling import Pooling
@@ -45,7 +45,7 @@ class MergeStage(BackboneStage):
     """Merge ``model`` with ``merge_with`` (streaming engine), then train a pooled linear classifier on top.
 
     Args (besides :class:`BackboneStage`'s; ``head`` is always the bare decoder):
-        model: the first merged model; gives config, tokenizer and the data's tokenizer.
+        backbone: ``backbone.model`` is the first merged model; gives config, tokenizer and the data's tokenizer.
         merge_with: the other models (empty: fine-tune ``model`` unmerged, the baseline).
         weights: one per model (``model`` first); default equal weights.
         merge_method: linear, slerp, task_arithmetic or ties (the last two need ``merge_base``).
@@ -57,9 +57,11 @@ class MergeStage(BackboneStage):
         target_fraction: report the first step reaching this fraction of the best validation F1.
     """
 
+    fixed_head = "base"  # a pooled classifier sits on the bare decoder
+
     def __init__(
         self,
-        model: str,
+        backbone: BackboneSpec,
         merge_with: list[str] | None = None,
         weights: list[float] | None = None,
         merge_method: str = "linear",
@@ -69,18 +71,11 @@ class MergeStage(BackboneStage):
         num_labels: int = 2,
         pooling: str = "mean",
         target_fraction: float = 0.93,
-        attn_implementation: str = "sdpa",
-        dtype: str = "float32",
-        bidirectional: bool = True,
-        trainable: list[str] | None = None,
-        lora: LoraSpec | None = None,
-        gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
     ):
-        super().__init__(model, attn_implementation=attn_implementation, dtype=dtype, bidirectional=bidirectional,
-                         head="base", trainable=trainable, lora=lora, gradient_checkpointing=gradient_checkpointing,
-                         optimizer=optimizer, schedule=schedule)
+        super().__init__(backbone, optimizer=optimizer, schedule=schedule)
+        model = self.model_path
         if num_labels < 2:
             raise BidirLMError(f"num_labels {num_labels} must be at least 2")
         if not 0.0 < target_fraction <= 1.0:
@@ -116,7 +111,7 @@ class MergeStage(BackboneStage):
 
     def build_model(self):
         return load_backbone(self.merged_model_path(), attn_implementation=self.attn_implementation,
-                             dtype=self.dtype_name, bidirectional=self.bidirectional, head="base", lora=self.lora)
+                             dtype=self.dtype_name, bidirectional=self.bidirectional, head=self.head, lora=self.lora)
 
     def configure_model(self):
         if self.backbone is not None:

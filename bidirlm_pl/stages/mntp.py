@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from bidirlm_pl.backbone import LoraSpec
+from bidirlm_pl.backbone import BackboneSpec
 from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.mntp_loss import mntp_loss
+from bidirlm_pl.mntp_loss import final_logit_softcap, mntp_loss
 from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
 
 
@@ -28,33 +28,19 @@ class MNTPStage(BackboneStage):
             time, recomputing their logits in backward (lower peak memory; ``None`` = one chunk).
     """
 
+    fixed_head = "causal_lm"  # tokens are predicted with the model's own output layer
+
     def __init__(
         self,
-        model: str,
-        attn_implementation: str = "sdpa",
-        dtype: str = "float32",
-        bidirectional: bool = True,
-        head: str = "causal_lm",
-        trainable: list[str] | None = None,
-        lora: LoraSpec | None = None,
-        gradient_checkpointing: bool = False,
+        backbone: BackboneSpec,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
         loss_chunk_size: int | None = None,
     ):
-        if head != "causal_lm":
-            raise BidirLMError(f"MNTP predicts tokens with the model's own head: head must be 'causal_lm', not '{head}'")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise BidirLMError(f"loss_chunk_size {loss_chunk_size} must be a positive number of positions or null")
-        super().__init__(model, attn_implementation=attn_implementation, dtype=dtype, bidirectional=bidirectional,
-                         head=head, trainable=trainable, lora=lora, gradient_checkpointing=gradient_checkpointing,
-                         optimizer=optimizer, schedule=schedule)
+        super().__init__(backbone, optimizer=optimizer, schedule=schedule)
         self.loss_chunk_size = loss_chunk_size
-
-    def _softcap(self) -> float | None:
-        config = self.backbone.config
-        config = getattr(config, "text_config", None) or config
-        return getattr(config, "final_logit_softcapping", None)
 
     def mntp(self, batch: dict):
         """The :class:`~bidirlm_pl.mntp_loss.MNTPOutput` of a masked batch."""
@@ -62,7 +48,7 @@ class MNTPStage(BackboneStage):
             raise BidirLMError("MNTP batches need 'labels' (use bidirlm_pl.data.TextDataModule with a mask spec)")
         hidden_BTD = self.hidden_states(batch)
         return mntp_loss(hidden_BTD, batch["labels"], self.backbone.get_output_embeddings(),
-                         seq_ids_BT=batch.get("seq_ids"), chunk_size=self.loss_chunk_size, softcap=self._softcap())
+                         seq_ids_BT=batch.get("seq_ids"), chunk_size=self.loss_chunk_size, softcap=final_logit_softcap(self.backbone))
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
         out = self.mntp(batch)
