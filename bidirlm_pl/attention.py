@@ -18,14 +18,10 @@ Semantics (one choice, tested):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from transformers import AttentionInterface
 
 MASKED_BACKENDS = ("eager", "sdpa", "flex_attention")
-FLASH_BACKEND = "flash_attention_2"
-VARLEN_PREFIX = "bidirlm_varlen"
 
 
 def set_bidirectional(model: torch.nn.Module, bidirectional: bool = True) -> torch.nn.Module:
@@ -70,19 +66,38 @@ def packed_visibility(
     return allowed[:, None]
 
 
-def _as_backend_mask(visible: torch.Tensor, backend: str, dtype: torch.dtype):
+def document_mask_mod(seq_ids_BT: torch.Tensor, *, causal: bool, window: int | None = None):
+    """flex_attention's ``mask_mod`` for packed rows: the rule of :func:`packed_visibility`, from document ids.
+
+    Evaluated per block by flex_attention, so no (T, T) table is ever built: memory grows as T, not T².
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_doc, kv_doc = seq_ids_BT[b, q_idx], seq_ids_BT[b, kv_idx]
+        allowed = (q_doc == kv_doc) & (kv_doc >= 0)
+        if causal:
+            allowed = allowed & (q_idx >= kv_idx)
+        if window is not None:
+            dist = (q_idx - kv_idx).abs()
+            allowed = allowed & (dist < window if causal else dist <= window)
+        return allowed | (q_idx == kv_idx)
+
+    return mask_mod
+
+
+def flex_block_mask(seq_ids_BT: torch.Tensor, *, causal: bool, window: int | None = None):
+    """The BlockMask of packed rows for flex_attention (built from :func:`document_mask_mod`)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = seq_ids_BT.shape
+    return create_block_mask(document_mask_mod(seq_ids_BT, causal=causal, window=window), B, None, T, T,
+                             device=seq_ids_BT.device)
+
+
+def _dense_mask(seq_ids_BT: torch.Tensor, backend: str, *, causal: bool, window: int | None, dtype: torch.dtype):
+    visible = packed_visibility(seq_ids_BT, causal=causal, window=window)
     if backend == "sdpa":
         return visible
-    if backend == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        table_BTT = visible[:, 0]
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return table_BTT[b, q_idx, kv_idx]
-
-        B, T = table_BTT.shape[0], table_BTT.shape[-1]
-        return create_block_mask(mask_mod, B, None, T, T, device=visible.device)
     # eager adds the mask to the scores
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
         ~visible, torch.finfo(dtype).min
@@ -100,114 +115,23 @@ def packed_attention_mask(
     if backend not in MASKED_BACKENDS:
         raise ValueError(f"attention backend '{backend}' takes cumulative lengths, not a mask")
     windows = layer_windows(config)
-    masks = {
-        layer_type: _as_backend_mask(packed_visibility(seq_ids_BT, causal=causal, window=w), backend, dtype)
-        for layer_type, w in windows.items()
-    }
+    if backend == "flex_attention":
+        masks = {t: flex_block_mask(seq_ids_BT, causal=causal, window=w) for t, w in windows.items()}
+    else:
+        masks = {t: _dense_mask(seq_ids_BT, backend, causal=causal, window=w, dtype=dtype) for t, w in windows.items()}
     if set(masks) == {"full_attention"}:
         return masks["full_attention"]
     return masks
 
 
 # ---------------------------------------------------------------- varlen (flash) backends
-
-VarlenFn = Callable[..., torch.Tensor]
-
-
-def _varlen_attention(varlen_fn: VarlenFn):
-    """An attention function for transformers' AttentionInterface that calls a flash-style varlen kernel.
-
-    It reads ``cu_seq_lens_q/k`` and ``max_length_q/k`` (packed rows) from the call's kwargs; without
-    them each row is one sequence. ``is_causal`` comes per call (transformers forwards it).
-    """
-
-    def attention(module, query_BHTD, key_BHSD, value_BHSD, attention_mask, scaling=None,
-                  dropout=0.0, sliding_window=None, softcap=None, **kwargs):
-        B, H, T, D = query_BHTD.shape
-        S = key_BHSD.shape[2]
-        is_causal = kwargs.get("is_causal")
-        if is_causal is None:
-            is_causal = getattr(module, "is_causal", True)
-        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-        if cu_q is None:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                raise ValueError("varlen attention takes packed rows, not padding masks; pack the batch")
-            cu_q = torch.arange(B + 1, dtype=torch.int32, device=query_BHTD.device) * T
-            cu_k = torch.arange(B + 1, dtype=torch.int32, device=query_BHTD.device) * S
-            max_q, max_k = T, S
-        else:
-            if cu_k is None:
-                cu_k = cu_q
-            max_q = int(kwargs.get("max_length_q") or (cu_q[1:] - cu_q[:-1]).max())
-            max_k = int(kwargs.get("max_length_k") or (cu_k[1:] - cu_k[:-1]).max())
-        window = (-1, -1)
-        if sliding_window is not None:
-            window = (sliding_window - 1, 0) if is_causal else (sliding_window, sliding_window)
-        q = query_BHTD.transpose(1, 2).reshape(B * T, H, D)
-        k = key_BHSD.transpose(1, 2).reshape(B * S, key_BHSD.shape[1], D)
-        v = value_BHSD.transpose(1, 2).reshape(B * S, value_BHSD.shape[1], value_BHSD.shape[-1])
-        out = varlen_fn(
-            q, k, v, cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32),
-            max_seqlen_q=max_q, max_seqlen_k=max_k,
-            dropout_p=dropout if module.training else 0.0, softmax_scale=scaling,
-            causal=bool(is_causal), window_size=window, softcap=softcap or 0.0,
-        )
-        return out.reshape(B, T, H, -1), None
-
-    return attention
-
-
-def register_varlen_backend(name: str, varlen_fn: VarlenFn) -> str:
-    """Register a flash-style ``varlen_fn`` as attention backend ``bidirlm_varlen_<name>``; return it.
-
-    ``varlen_fn`` has the signature of ``flash_attn.flash_attn_varlen_func``. Tests pass
-    :func:`reference_varlen` so that the plumbing runs on CPU.
-    """
-    backend = f"{VARLEN_PREFIX}_{name}"
-    AttentionInterface.register(backend, _varlen_attention(varlen_fn))
-    return backend
-
-
-def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, **_):
-    """A CPU stand-in for ``flash_attn_varlen_func``: same signature and semantics, SDPA per segment.
-
-    Causal masks align bottom-right (as flash-attn >= 2.1); a window ``(l, r)`` lets query ``i``
-    see keys ``j`` with ``i - l <= j <= i + r`` (-1 = unbounded).
-    """
-    assert softcap == 0.0, "the reference varlen stand-in does not implement softcap"
-    outs = []
-    n_rep = q.shape[1] // k.shape[1]
-    for i in range(len(cu_seqlens_q) - 1):
-        qs, qe = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
-        ks, ke = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
-        q_HTD = q[qs:qe].transpose(0, 1)
-        k_HSD = k[ks:ke].transpose(0, 1).repeat_interleave(n_rep, dim=0)
-        v_HSD = v[ks:ke].transpose(0, 1).repeat_interleave(n_rep, dim=0)
-        Tq, Tk = qe - qs, ke - ks
-        qpos = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
-        kpos = torch.arange(Tk, device=q.device)[None, :]
-        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
-        left, right = window_size
-        if causal:
-            right = 0 if right < 0 else min(right, 0)
-        if left >= 0:
-            allowed &= kpos >= qpos - left
-        if right >= 0:
-            allowed &= kpos <= qpos + right
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q_HTD, k_HSD, v_HSD, attn_mask=allowed, dropout_p=dropout_p, scale=softmax_scale
-        )
-        outs.append(out.transpose(0, 1))
-    return torch.cat(outs, dim=0)
-
-
-def flash_backend() -> str:
-    """Register flash-attn's varlen kernel (CUDA) as our packed, causal-or-bidirectional backend."""
-    from bidirlm_pl.errors import require
-
-    flash_attn = require("flash_attn", "flash", "attn_implementation 'flash_attention_2'")
-    return register_varlen_backend("flash", flash_attn.flash_attn_varlen_func)
+# The kernels and their glue live in bidirlm_pl.varlen; these names stay importable from here.
+from bidirlm_pl.varlen import (  # noqa: E402, F401
+    VARLEN_PREFIX,
+    reference_varlen,
+    reference_varlen_fp32,
+    register_varlen_backend,
+)
 
 
 def uses_varlen(config) -> bool:

@@ -10,9 +10,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from bidirlm_pl import attention
 from bidirlm_pl.errors import BidirLMError, require
+from bidirlm_pl.varlen import VARLEN_PREFIX
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "gemma3_text", "gemma3", "llama")
-BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+BACKENDS = ("eager", "sdpa", "flex_attention", "torch_varlen", "flash_attention_2", "flash_attention_4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEADS = ("base", "causal_lm")
 
@@ -96,17 +97,20 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     return path
 
 
-def resolve_backend(attn_implementation: str) -> str:
-    """Validate a backend name; map flash_attention_2 to our packed varlen backend."""
-    if attn_implementation.startswith(attention.VARLEN_PREFIX):
-        return attn_implementation
-    if attn_implementation not in BACKENDS:
+def check_backend(attn_implementation: str) -> str:
+    """Validate a backend name (any machine): one of BACKENDS or a registered varlen backend."""
+    if not attn_implementation.startswith(VARLEN_PREFIX) and attn_implementation not in BACKENDS:
         raise BidirLMError(f"attn_implementation '{attn_implementation}' is not one of {list(BACKENDS)}")
-    if attn_implementation == attention.FLASH_BACKEND:
-        if not torch.cuda.is_available():
-            require("flash_attn", "flash", "attn_implementation 'flash_attention_2'")
-            raise BidirLMError("attn_implementation 'flash_attention_2' needs a CUDA GPU; use 'sdpa' on CPU")
-        return attention.flash_backend()
+    return attn_implementation
+
+
+def resolve_backend(attn_implementation: str) -> str:
+    """The backend name to load with: varlen kernels (CUDA) are registered as our packed varlen backends."""
+    from bidirlm_pl.varlen import KERNELS, kernel_backend
+
+    check_backend(attn_implementation)
+    if attn_implementation in KERNELS:
+        return kernel_backend(attn_implementation)
     return attn_implementation
 
 

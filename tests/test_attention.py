@@ -5,7 +5,8 @@ from transformers import AutoModelForCausalLM
 from bidirlm_pl import attention, load_backbone
 
 BACKENDS = ("eager", "sdpa", "flex_attention")
-STANDIN = attention.register_varlen_backend("reference", attention.reference_varlen)
+# fp32 plumbing stand-in for exact comparisons; the kernels' dtype rule is tested in test_varlen.py
+STANDIN = attention.register_varlen_backend("reference_fp32", attention.reference_varlen_fp32, half_only=False)
 
 
 @pytest.fixture(autouse=True)

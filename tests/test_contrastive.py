@@ -149,7 +149,7 @@ def test_varlen_backend_packs_rows_and_matches_sdpa(tiny_qwen3):
     from bidirlm_pl import attention
     from bidirlm_pl.encoder import Encoder
 
-    backend = attention.register_varlen_backend("reference", attention.reference_varlen)
+    backend = attention.register_varlen_backend("reference_fp32", attention.reference_varlen_fp32, half_only=False)
     out = []
     for impl in ("sdpa", backend):
         torch.manual_seed(0)

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from bidirlm_pl import attention
-from bidirlm_pl.backbone import BackboneSpec, decoder_of, load_backbone, resolve_dtype
+from bidirlm_pl.backbone import BackboneSpec, check_backend, decoder_of, load_backbone, resolve_dtype
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.export import save_hf_folder
 from bidirlm_pl.trainable import apply_trainable
@@ -107,6 +107,7 @@ class BackboneStage(L.LightningModule):
         spec = BackboneSpec.of(backbone)
         _check_model_reference(spec.model)
         resolve_dtype(spec.dtype)
+        check_backend(spec.attn_implementation)
         head = spec.head or self.fixed_head or self.default_head
         if self.fixed_head is not None and head != self.fixed_head:
             raise BidirLMError(f"{type(self).__name__} needs backbone.head '{self.fixed_head}', not '{head}'")
