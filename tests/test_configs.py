@@ -40,3 +40,30 @@ def test_recipe_parses_and_names_existing_configs(path):
     for stage in stages:
         if stage.fit:
             assert (ROOT / stage.fit).is_file(), stage.fit
+
+
+GPU_STAGE_CONFIGS = [p for p in CONFIGS if p.parent.name != "trainer"
+                     and (yaml.safe_load(p.read_text()).get("trainer") or {}).get("accelerator") == "gpu"]
+
+
+def test_gpu_configs_exist():
+    assert len(GPU_STAGE_CONFIGS) >= 8
+
+
+@pytest.mark.parametrize("path", GPU_STAGE_CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_gpu_config_resolves_for_one_device(path, capsys):
+    """Every GPU stage config runs as given on a machine with one GPU: one device, no multi-process strategy."""
+    from bidirlm_pl.backbone import BACKENDS
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(path), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    trainer = printed["trainer"]
+    assert trainer["devices"] in (1, "1", "auto"), trainer["devices"]
+    assert trainer.get("strategy") in (None, "auto"), trainer.get("strategy")
+    assert trainer["precision"] == "bf16-mixed"
+    backbone = printed["model"]["init_args"]["backbone"]
+    assert backbone["attn_implementation"] in BACKENDS
+    # the FlashAttention kernels take no attention dropout; a varlen config must not ask for it
+    if backbone["attn_implementation"] == "torch_varlen":
+        assert not printed["model"]["init_args"].get("attention_dropout")
