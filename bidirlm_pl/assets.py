@@ -170,3 +170,52 @@ def tiny_model(arch: str, target: Path | None = None, seed: int = 0) -> Path:
 
 for _arch in TINY_ARCHITECTURES:
     ASSETS[f"tiny-{_arch}"] = (lambda a: lambda: tiny_model(a))(_arch)
+
+
+# ---------------------------------------------------------------- random weights of real configs (benchmarks)
+
+def real_config(name: str):
+    """The published config of a model this tool targets, written out (no download): random weights for speed."""
+    from transformers import Gemma3TextConfig, Qwen3Config
+
+    if name == "qwen3-0.6b":
+        return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                           num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                           rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                           tie_word_embeddings=True, bos_token_id=None, eos_token_id=151645, pad_token_id=None)
+    if name == "gemma3-270m":
+        pattern = ["sliding_attention"] * 5 + ["full_attention"]
+        return Gemma3TextConfig(
+            vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, query_pre_attn_scalar=256,
+            sliding_window=512, layer_types=(pattern * 3), rms_norm_eps=1e-6, tie_word_embeddings=True,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+            pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    raise ValueError(f"random config '{name}' is not one of {list(RANDOM_CONFIGS)}")
+
+
+RANDOM_CONFIGS = ("qwen3-0.6b", "gemma3-270m")
+
+
+def random_model(name: str, seed: int = 0) -> Path:
+    """Build (once) random bf16 weights of a real config with the Lee BPE tokenizer (ids < 512): for speed only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = cache_dir() / f"random-{name}"
+    if (target / "config.json").exists():
+        return target
+    with _file_lock(cache_dir() / f".random-{name}.lock"):
+        if (target / "config.json").exists():
+            return target
+        config = real_config(name)
+        tokenizer = _tiny_tokenizer()
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        save_hf_folder(model, tokenizer, target, overwrite=True)
+    return target
+
+
+for _name in RANDOM_CONFIGS:
+    ASSETS[f"random:{_name}"] = (lambda n: lambda: random_model(n))(_name)
