@@ -186,3 +186,25 @@ def test_ubmoe_yaml_parses(name, capsys):
         main(["fit", "--config", str(CONFIGS / name), "--print_config"])
     assert done.value.code in (0, None)
     assert "class_path: bidirlm_pl.moe.UBMoEStage" in capsys.readouterr().out
+
+
+def test_similarity_reads_a_ubmoe_folder_as_expert_drift(stage1_folder, tiny_qwen3):
+    """`bidirlm similarity UBMoE base`: only the FFN moved (expert 1); expert 0 is the original exactly."""
+    from bidirlm_pl.merging.similarity import similarity
+
+    drift = similarity(str(stage1_folder), str(tiny_qwen3), expert=1)
+    assert drift.groups["attention"].cosine == pytest.approx(1.0, abs=1e-12)
+    assert drift.groups["ffn"].cosine < 0.9999 and drift.groups["ffn"].relative_distance > 0
+    assert "(expert 1)" in drift.a and not drift.unmatched
+    same = similarity(str(stage1_folder), str(tiny_qwen3), expert=0)
+    assert same.groups["ffn"].relative_distance == 0.0
+
+
+def test_merge_refuses_a_ubmoe_folder_with_one_line(stage1_folder, tiny_qwen3, tmp_path, capsys):
+    from bidirlm_pl.cli import main as cli_main
+
+    code = cli_main(["merge", "--models", str(stage1_folder), str(tiny_qwen3), "--weights", "0.5", "0.5",
+                     "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "is a UBMoE folder" in err[-1] and len(err) == 1
+    assert not (tmp_path / "out").exists()

@@ -151,6 +151,11 @@ def plan(spec: MergeSpec) -> tuple[Method, list[Checkpoint], list[Entry], KeyRep
     method = _validate(spec)
     names = list(spec.models) + ([spec.base] if spec.base is not None else [])
     ckpts = [Checkpoint(name) for name in names]
+    for ckpt in ckpts:
+        if ckpt.is_ubmoe:
+            raise BidirLMError(
+                f"model '{ckpt.name}' is a UBMoE folder (two FFN experts and a router per layer); merge a plain "
+                f"model instead: bidirlm_pl.moe.to_plain(load_ubmoe(folder)[0], 1).save_pretrained(DIR)")
     output = Path(spec.output).resolve()
     for ckpt in ckpts:
         if ckpt.folder.resolve() == output:

@@ -95,11 +95,12 @@ class Checkpoint:
             memory-mapped pages already read are released instead of accumulating in the resident set.
     """
 
-    def __init__(self, folder: str | Path, *, reopen_bytes: int = 16 * 2**20):
+    def __init__(self, folder: str | Path, *, reopen_bytes: int = 16 * 2**20, expert: int | None = None):
         self.name = str(folder)
         self.folder = resolve_folder(folder)
         self.config = json.loads((self.folder / "config.json").read_text())
         self.reopen_bytes = reopen_bytes
+        self.expert = expert if self.is_ubmoe else None
         files = self._weight_files()
         self.tensors: dict[str, TensorInfo] = {}
         for file in files:
@@ -110,6 +111,9 @@ class Checkpoint:
                     if code not in DTYPE_CODES:
                         raise BidirLMError(f"tensor '{key}' in '{file}' has dtype {code}, which merging does not support")
                     self.tensors[key] = TensorInfo(file, DTYPE_CODES[code], tuple(view.get_shape()))
+        self.stored_key: dict[str, str] = {}  # a view's key -> the key stored in the files
+        if self.expert is not None:
+            self._plain_view(self.expert)
         self._handles: dict[Path, list] = {}  # file -> [safe_open handle, bytes read since opening]
 
     def _weight_files(self) -> list[Path]:
@@ -128,6 +132,27 @@ class Checkpoint:
         raise BidirLMError(
             f"model folder '{self.folder}' has no {SINGLE_FILE} or {INDEX_FILE}; merging reads safetensors only"
         )
+
+    @property
+    def is_ubmoe(self) -> bool:
+        """A UBMoE folder (``config.json`` has a ``ubmoe`` entry; FFN experts under ``mlp.experts.{0,1}``)."""
+        return "ubmoe" in self.config
+
+    def _plain_view(self, expert: int) -> None:
+        """Show a UBMoE folder as the plain model with expert ``expert``'s FFNs (routers and the other expert hidden)."""
+        pattern = re.compile(r"\.mlp\.(experts\.(\d+)|router)\.")
+        view: dict[str, TensorInfo] = {}
+        for key, info in self.tensors.items():
+            match = pattern.search(key)
+            if match is None:
+                view[key] = info
+            elif match.group(2) is not None and int(match.group(2)) == expert:
+                plain = key[:match.start()] + ".mlp." + key[match.end():]
+                view[plain] = info
+                self.stored_key[plain] = key
+        if not self.stored_key:
+            raise BidirLMError(f"UBMoE folder '{self.folder}' has no tensors of expert {expert}")
+        self.tensors = view
 
     # ------------------------------------------------------------------ metadata
     def keys(self) -> list[str]:
@@ -163,6 +188,7 @@ class Checkpoint:
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor ``key`` (or its rows ``[start, stop)`` along dim 0), in its stored dtype."""
         info = self.tensors[key]
+        key = self.stored_key.get(key, key)
         if rows is None or not info.shape:
             return self._handle(info.file, info.nbytes).get_tensor(key)
         start, stop = rows

@@ -92,13 +92,18 @@ class SimilarityReport:
         return "\n".join(lines)
 
 
-def similarity(a: str, b: str, *, key_map_a=None, key_map_b=None,
+def similarity(a: str, b: str, *, key_map_a=None, key_map_b=None, expert: int = 1,
                block_elements: int = 4 * 2**20) -> SimilarityReport:
-    """Compare the tensors two checkpoints share (float tensors of equal shape), in fp64 sums."""
-    ckpts = [Checkpoint(a), Checkpoint(b)]
+    """Compare the tensors two checkpoints share (float tensors of equal shape), in fp64 sums.
+
+    A UBMoE folder is seen as the plain model with expert ``expert``'s FFNs (default 1, the
+    bidirectionally trained copy), so ``similarity(ubmoe, base)`` reports the expert's drift.
+    """
+    ckpts = [Checkpoint(a, expert=expert), Checkpoint(b, expert=expert)]
     entries, key_report = match_keys(ckpts, [KeyMap.parse(key_map_a), KeyMap.parse(key_map_b)], 0,
                                      unmatched="report", shape_policy="copy")
-    report = SimilarityReport(a, b, unmatched=key_report.unmatched + key_report.shape_policy_applied)
+    names = [f"{c.name} (expert {c.expert})" if c.expert is not None else c.name for c in ckpts]
+    report = SimilarityReport(*names, unmatched=key_report.unmatched + key_report.shape_policy_applied)
     for entry in entries:
         if entry.action != "merge":
             continue
