@@ -64,3 +64,23 @@ def test_compare_runs_ubmoe_folders_in_each_modes_routing(tmp_path):
     assert abs(plain.perplexity - ubmoe.perplexity) <= 1e-3 * plain.perplexity
     assert abs(plain.lee_spearman_bidirectional - ubmoe.lee_spearman_bidirectional) <= 1e-4
     assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_ubmoe_tiny_recipe_compares_four_variants(tmp_path, monkeypatch):
+    """base -> stage 1 -> stage 2 -> compare; forced-0 routing reproduces the original exactly."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _absolute(yaml.safe_load((REPO / "configs/recipes/ubmoe-tiny.yaml").read_text()))
+    recipe["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    outputs = run_recipe(path)
+    assert list(outputs) == ["stage1", "stage2", "compare"]
+    for name in ("stage1", "stage2"):
+        assert "ubmoe" in json.loads((Path(outputs[name]) / "config.json").read_text())
+    rows = {r["name"]: r for r in json.loads((Path(outputs["compare"]) / "report.json").read_text())}
+    assert list(rows) == ["original", "naive-bi-ffn", "ubmoe", "ubmoe-forced0"]
+    original, forced0 = rows["original"], rows["ubmoe-forced0"]
+    assert forced0["continuation"] == original["continuation"]
+    assert forced0["perplexity"] == pytest.approx(original["perplexity"], rel=1e-5)
+    assert rows["naive-bi-ffn"]["perplexity"] != pytest.approx(original["perplexity"], rel=1e-5)
+    assert (Path(outputs["compare"]) / "report.md").is_file()

@@ -208,3 +208,39 @@ def test_merge_refuses_a_ubmoe_folder_with_one_line(stage1_folder, tiny_qwen3, t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "is a UBMoE folder" in err[-1] and len(err) == 1
     assert not (tmp_path / "out").exists()
+
+
+def _effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values of centred embeddings: 1 for a single-direction collapse."""
+    s = torch.linalg.svdvals(x - x.mean(0))
+    p = s / s.sum()
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+
+def test_tiny_stage1_does_not_collapse_and_keeps_expert0(tmp_path, monkeypatch, tiny_qwen3):
+    """A stage-1 run keeps expert 1's embeddings spread out, and expert 0 is bit-identical to the original FFN.
+
+    Threshold: a SimCSE collapse maps every text to one direction (effective rank ~1, the failure seen
+    on Gemma3-270M at lr 3e-4); we require at least half the untrained model's effective rank.
+    """
+    from bidirlm_pl.assets import lee_documents
+    from bidirlm_pl.moe.evaluate import embed_texts
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(CONFIGS / "stage1-tiny.yaml"), "--trainer.max_steps=12",
+                 "--trainer.default_root_dir", str(tmp_path)]) == 0
+    folder = next(tmp_path.rglob("hf/config.json")).parent
+    trained, tok = moe.load_ubmoe(folder)
+    base, _ = load_backbone(tiny_qwen3, bidirectional=True)
+    texts = lee_documents()[:32]
+    with torch.no_grad(), moe.mode(trained, "embed"):
+        after = embed_texts(trained, tok, texts, max_length=64, batch_size=8)
+    with torch.no_grad():
+        before = embed_texts(base, tok, texts, max_length=64, batch_size=8)
+    assert _effective_rank(after) >= 0.5 * _effective_rank(before) and _effective_rank(after) > 2.0
+    plain = dict(base.named_parameters())
+    for i, ffn in enumerate(moe.ubmoe_ffns(trained)):
+        for name, p in ffn.experts[0].named_parameters():
+            assert torch.equal(p, plain[f"model.layers.{i}.mlp.{name}"]), (i, name)
+        moved = any(not torch.equal(p, plain[f"model.layers.{i}.mlp.{n}"]) for n, p in ffn.experts[1].named_parameters())
+        assert moved, f"expert 1 of layer {i} did not train"

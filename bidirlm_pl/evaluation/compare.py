@@ -6,6 +6,12 @@ Spearman with bidirectional and with causal attention (mean pooling), and a gree
 of a fixed prompt. Writes ``report.json`` and ``report.md`` atomically and prints the table.
 
     bidirlm compare gemma3-270m runs/quickstart/mntp/hf runs/quickstart/contrastive/hf --output runs/compare
+    bidirlm compare gemma3-270m runs/ubmoe/stage2/hf@forced1 runs/ubmoe/stage2/hf   # naive bi-FFN vs UBMoE
+
+A UBMoE folder's perplexity, continuation and causal Spearman run in its ``generate`` mode (its
+learned routing), its bidirectional Spearman in its ``embed`` mode; ``FOLDER@ROUTING`` uses one
+routing for both (``@forced1``: the bidirectional FFN fine-tune without router, ``@forced0``: the
+original model exactly).
 """
 
 from __future__ import annotations
@@ -31,17 +37,36 @@ class Row:
     seconds: float
 
 
+def split_routing(path: str) -> tuple[str, str | None]:
+    """``FOLDER@ROUTING`` -> (FOLDER, ROUTING): a UBMoE folder evaluated with one routing in every mode."""
+    from bidirlm_pl.moe.ffn import ROUTING_MODES
+
+    folder, at, routing = str(path).rpartition("@")
+    if at and routing in ROUTING_MODES:
+        return folder, routing
+    return str(path), None
+
+
 def load_any(path: str, *, attn_implementation: str = "sdpa"):
-    """A causal LM and tokenizer from a plain folder, an asset name or a UBMoE folder."""
+    """A causal LM and tokenizer from a plain folder, an asset name or a UBMoE folder (``@routing`` allowed)."""
     from transformers import AutoConfig
 
     from bidirlm_pl.backbone import load_backbone, resolve_model_path
+    from bidirlm_pl.errors import BidirLMError
 
+    path, routing = split_routing(path)
     folder = resolve_model_path(path)
     if getattr(AutoConfig.from_pretrained(folder), "ubmoe", None) is not None:
         from bidirlm_pl.moe.convert import load_ubmoe
+        from bidirlm_pl.moe.modes import set_mode_routing
 
-        return load_ubmoe(folder, attn_implementation=attn_implementation)
+        model, tokenizer = load_ubmoe(folder, attn_implementation=attn_implementation)
+        if routing is not None:  # e.g. @forced1: the naive bidirectional FFN fine-tune, @forced0: the original
+            for name in ("generate", "embed"):
+                set_mode_routing(model, name, routing)
+        return model, tokenizer
+    if routing is not None:
+        raise BidirLMError(f"'{path}@{routing}': a routing applies to UBMoE folders only, and '{path}' is plain")
     return load_backbone(folder, attn_implementation=attn_implementation, head="causal_lm")
 
 
@@ -88,8 +113,10 @@ def _ubmoe_mode(model, name: str):
 
 
 def _display_name(path: str) -> str:
+    path, routing = split_routing(path)
     p = Path(str(path))
-    return p.parent.name if p.name == "hf" and p.parent.name else p.name
+    name = p.parent.name if p.name == "hf" and p.parent.name else p.name
+    return f"{name}@{routing}" if routing else name
 
 
 class _CausalMeanEncoder:
@@ -134,7 +161,7 @@ def compare(paths: list[str], names: list[str] | None = None, *, output: str | N
     if names and len(names) != len(paths):
         raise BidirLMError(f"--names has {len(names)} entries for {len(paths)} models; give one name per model")
     for p in paths:
-        resolve_model_path(p)  # fail on a bad path before any slow evaluation
+        resolve_model_path(split_routing(p)[0])  # fail on a bad path before any slow evaluation
     if output and Path(output).exists() and not overwrite:
         raise BidirLMError(f"output folder '{output}' already exists; pass --overwrite to replace it")
     rows = []
@@ -151,7 +178,8 @@ def compare(paths: list[str], names: list[str] | None = None, *, output: str | N
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("models", nargs="+", help="model folders or asset names (plain, merged, UBMoE...)")
+    parser.add_argument("models", nargs="+", help="model folders or asset names (plain, merged, UBMoE...); "
+                        "UBMoE@ROUTING (soft, top1, forced0, forced1) evaluates a UBMoE folder with one routing")
     parser.add_argument("--names", nargs="+", help="a display name per model")
     parser.add_argument("--output", help="folder for report.json and report.md")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per evaluation row")
