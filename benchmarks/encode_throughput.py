@@ -40,6 +40,10 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: both encoders run there")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (both encoders)")
+    parser.add_argument("--attn-implementation", default="sdpa",
+                        help="ours: sdpa, or torch_varlen on CUDA (packed rows, no padding)")
     args = parser.parse_args()
 
     import numpy as np
@@ -50,13 +54,15 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     texts = mixed_texts(args.texts)
-    ours = Encoder.from_pretrained(args.model, max_length=args.max_length)
-    st = SentenceTransformer(args.model, device="cpu")
+    ours = Encoder.from_pretrained(args.model, max_length=args.max_length, device=args.device, dtype=args.dtype,
+                                   attn_implementation=args.attn_implementation)
+    st = SentenceTransformer(args.model, device=args.device,
+                             model_kwargs={"dtype": getattr(torch, args.dtype), "attn_implementation": "sdpa"})
     st.max_seq_length = args.max_length
     lengths = [len(ids) for ids in ours.tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
     print(f"model {args.model}: {len(texts)} texts, tokens min/median/max {min(lengths)}/"
           f"{int(statistics.median(lengths))}/{max(lengths)}, total {sum(lengths)}, batch {args.batch_size}, "
-          f"threads {args.threads}")
+          f"threads {args.threads}, device {args.device}, {args.dtype}, ours {args.attn_implementation}")
 
     def run_ours():
         return ours.encode(texts, batch_size=args.batch_size, show_progress_bar=False)
