@@ -92,3 +92,32 @@ def test_sharded_safetensors_checkpoint_loads(tiny_qwen3, tmp_path):
     ids = torch.randint(5, 100, (1, 8))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, original(input_ids=ids).logits)
+
+
+def test_backbone_spec_is_one_block_for_every_stage(tiny_qwen3):
+    """Stage defaults fill the spec's open fields; fixed ones refuse a contradiction in one line."""
+    from bidirlm_pl.backbone import BackboneSpec
+    from bidirlm_pl.moe import UBMoEStage1
+    from bidirlm_pl.stages.contrastive import ContrastiveStage
+    from bidirlm_pl.stages.mntp import MNTPStage
+
+    assert MNTPStage(str(tiny_qwen3)).head == "causal_lm"
+    assert ContrastiveStage({"model": str(tiny_qwen3)}).head == "base"
+    assert UBMoEStage1({"model": str(tiny_qwen3)}).trainable == ["expert1"]
+    with pytest.raises(BidirLMError, match="MNTPStage needs backbone.head 'causal_lm', not 'base'"):
+        MNTPStage(BackboneSpec(model=str(tiny_qwen3), head="base"))
+    with pytest.raises(BidirLMError, match="runs with backbone.bidirectional True, not False"):
+        UBMoEStage1({"model": str(tiny_qwen3), "bidirectional": False})
+    with pytest.raises(BidirLMError, match="backbone keys \\['modle'\\] are unknown"):
+        MNTPStage({"modle": str(tiny_qwen3)})
+    with pytest.raises(BidirLMError, match="attn_implementation 'flash' is not one of"):
+        MNTPStage({"model": str(tiny_qwen3), "attn_implementation": "flash"})
+
+
+def test_compile_option_compiles_each_decoder_layer(tiny_qwen3):
+    from bidirlm_pl.stages.mntp import MNTPStage
+
+    stage = MNTPStage({"model": str(tiny_qwen3), "compile": True})
+    stage.configure_model()
+    layers = stage.backbone.model.layers
+    assert len(layers) == 2 and all(layer._compiled_call_impl is not None for layer in layers)
