@@ -25,6 +25,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "merge": ("bidirlm_pl.merging.cli", "merge checkpoints (linear, slerp, task_arithmetic, ties), streaming"),
     "similarity": ("bidirlm_pl.merging.similarity_cli", "cosine similarity of two checkpoints, per tensor group"),
     "compare": ("bidirlm_pl.evaluation.compare", "compare models: causal perplexity, Lee Spearman, continuations"),
+    "dependence": ("bidirlm_pl.evaluation.dependence",
+                   "attention dependence: DP-before / DP-main / DP-after per length bucket and layer"),
     "run": ("bidirlm_pl.pipeline", "run a recipe: chain stage configs, skip finished stages"),
     "export": ("bidirlm_pl.export_cli", "export a Lightning checkpoint as an HF (+ Sentence-Transformers) folder"),
 }
