@@ -92,6 +92,7 @@ def stage_config(args) -> dict:
 
 def measure(config: dict) -> dict:
     from bidirlm_pl.callbacks.throughput import Throughput
+
     from bidirlm_pl.cli import run_lightning
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -217,5 +217,9 @@ def random_model(name: str, seed: int = 0) -> Path:
     return target
 
 
+def _random_asset(name: str):
+    return lambda: random_model(name)
+
+
 for _name in RANDOM_CONFIGS:
-    ASSETS[f"random:{_name}"] = (lambda n: lambda: random_model(n))(_name)
+    ASSETS[f"random:{_name}"] = _random_asset(_name)

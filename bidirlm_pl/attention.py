@@ -19,7 +19,14 @@ Semantics (one choice, tested):
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
+
+# the varlen kernels and their glue live in bidirlm_pl.varlen; these names stay importable from here
+from bidirlm_pl.varlen import (  # noqa: F401
+    VARLEN_PREFIX,
+    reference_varlen,
+    reference_varlen_fp32,
+    register_varlen_backend,
+)
 
 MASKED_BACKENDS = ("eager", "sdpa", "flex_attention")
 
@@ -122,16 +129,6 @@ def packed_attention_mask(
     if set(masks) == {"full_attention"}:
         return masks["full_attention"]
     return masks
-
-
-# ---------------------------------------------------------------- varlen (flash) backends
-# The kernels and their glue live in bidirlm_pl.varlen; these names stay importable from here.
-from bidirlm_pl.varlen import (  # noqa: E402, F401
-    VARLEN_PREFIX,
-    reference_varlen,
-    reference_varlen_fp32,
-    register_varlen_backend,
-)
 
 
 def uses_varlen(config) -> bool:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from bidirlm_pl.callbacks.throughput import _group_pairs, batch_tokens, training_flops
 
 from bidirlm_pl import load_backbone
-from bidirlm_pl.callbacks.throughput import _group_pairs, batch_tokens, training_flops
 from bidirlm_pl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
