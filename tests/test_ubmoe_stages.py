@@ -244,3 +244,19 @@ def test_tiny_stage1_does_not_collapse_and_keeps_expert0(tmp_path, monkeypatch, 
             assert torch.equal(p, plain[f"model.layers.{i}.mlp.{name}"]), (i, name)
         moved = any(not torch.equal(p, plain[f"model.layers.{i}.mlp.{n}"]) for n, p in ffn.experts[1].named_parameters())
         assert moved, f"expert 1 of layer {i} did not train"
+
+
+def test_stage1_starts_from_an_exported_bidirectional_folder(tmp_path, tiny_qwen3):
+    """Composition: stage 1 takes what another stage exported (here a bidirectional plain folder, as MNTP writes)."""
+    from bidirlm_pl.export import save_hf_folder
+
+    exported, tok = load_backbone(tiny_qwen3, bidirectional=True)
+    with torch.no_grad():
+        exported.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # as if adapted
+    folder = save_hf_folder(exported, tok, tmp_path / "mntp-hf")
+    stage = UBMoEStage1(str(folder))
+    stage.configure_model()
+    ffn = moe.ubmoe_ffns(stage.backbone)[0]
+    assert torch.equal(ffn.experts[0].up_proj.weight, exported.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(ffn.experts[1].up_proj.weight, exported.model.layers[0].mlp.up_proj.weight)
+    assert [n for n, p in stage.backbone.named_parameters() if p.requires_grad and "experts.0" in n] == []
