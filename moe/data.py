@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from bidirlm_pl.data.packing import collate_rows, pack_documents
+from bidirlm_pl.data.packing import collate_rows, pack_documents, tokenize_documents
 from bidirlm_pl.data.sources import SourceSpec, load_texts
 from bidirlm_pl.errors import BidirLMError
 
@@ -110,16 +110,6 @@ class UBMoEPairsData(L.LightningDataModule):
             return []
         return DataLoader(self.val_pairs, batch_size=self.batch_size, collate_fn=self.collate,
                           num_workers=self.num_workers)
-
-
-def tokenize_documents(tokenizer, docs: list[str]) -> list[list[int]]:
-    """Token ids per document, with the tokenizer's special tokens and an end-of-sequence token."""
-    out = []
-    for ids in tokenizer(docs, add_special_tokens=True)["input_ids"]:
-        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids = ids + [tokenizer.eos_token_id]
-        out.append(ids)
-    return out
 
 
 class UBMoETextData(L.LightningDataModule):

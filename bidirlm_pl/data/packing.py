@@ -145,3 +145,13 @@ def document_starts(seq_ids_BT: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(seq_ids_BT, dtype=torch.bool)
     starts[:, 1:] = seq_ids_BT[:, 1:] != seq_ids_BT[:, :-1]
     return starts & (seq_ids_BT >= 0)
+
+
+def tokenize_documents(tokenizer, docs: list[str]) -> list[list[int]]:
+    """Token ids per document, with the tokenizer's special tokens and an end-of-sequence token."""
+    out = []
+    for ids in tokenizer(docs, add_special_tokens=True)["input_ids"]:
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        out.append(ids)
+    return out

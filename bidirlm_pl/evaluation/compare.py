@@ -21,10 +21,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-PROMPT = "The prime minister said on Tuesday that"
-
 
 @dataclass
 class Row:
@@ -70,25 +66,10 @@ def load_any(path: str, *, attn_implementation: str = "sdpa"):
     return load_backbone(folder, attn_implementation=attn_implementation, head="causal_lm")
 
 
-@torch.no_grad()
-def continuation(model, tokenizer, prompt: str = PROMPT, max_new_tokens: int = 16) -> str:
-    from bidirlm_pl.attention import is_bidirectional, set_bidirectional
-
-    was_bidirectional = is_bidirectional(model)
-    set_bidirectional(model, False)  # generation is causal
-    try:
-        batch = tokenizer([prompt], return_tensors="pt")
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    finally:
-        set_bidirectional(model, was_bidirectional)
-    return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 def evaluate_model(path: str, name: str | None = None, *, max_length: int = 256, batch_size: int = 4) -> Row:
     from bidirlm_pl import assets
-    from bidirlm_pl.evaluation.embedding import lee_spearman
-    from bidirlm_pl.moe.evaluate import _BidirectionalMeanEncoder, causal_perplexity
+    from bidirlm_pl.evaluation.embedding import MeanPoolEncoder, lee_spearman
+    from bidirlm_pl.evaluation.generation import causal_perplexity, continuation
 
     start = time.time()
     model, tokenizer = load_any(path)
@@ -97,9 +78,9 @@ def evaluate_model(path: str, name: str | None = None, *, max_length: int = 256,
         ppl = causal_perplexity(model, tokenizer, assets.lee_documents(), max_length=max_length,
                                 batch_size=batch_size)
         text = continuation(model, tokenizer)
-        causal = lee_spearman(_CausalMeanEncoder(model, tokenizer, max_length), batch_size=batch_size)
+        causal = lee_spearman(MeanPoolEncoder(model, tokenizer, max_length, causal=True), batch_size=batch_size)
     with _ubmoe_mode(model, "embed"):
-        bidi = lee_spearman(_BidirectionalMeanEncoder(model, tokenizer, max_length), batch_size=batch_size)
+        bidi = lee_spearman(MeanPoolEncoder(model, tokenizer, max_length), batch_size=batch_size)
     return Row(name or _display_name(path), str(path), ppl, bidi, causal, text, time.time() - start)
 
 
@@ -117,26 +98,6 @@ def _display_name(path: str) -> str:
     p = Path(str(path))
     name = p.parent.name if p.name == "hf" and p.parent.name else p.name
     return f"{name}@{routing}" if routing else name
-
-
-class _CausalMeanEncoder:
-    def __init__(self, model, tokenizer, max_length):
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
-
-    @torch.no_grad()
-    def encode(self, texts, batch_size: int = 8, **_):
-        from bidirlm_pl.pooling import mean_pool
-
-        from bidirlm_pl.backbone import decoder_of
-
-        decoder = decoder_of(self.model)
-        out = []
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
-            hidden = decoder(**enc, is_causal=True).last_hidden_state
-            out.append(mean_pool(hidden, enc["attention_mask"]).float())
-        return torch.cat(out).numpy()
 
 
 def markdown(rows: list[Row]) -> str:

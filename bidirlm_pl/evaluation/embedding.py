@@ -82,3 +82,35 @@ def lee_sts_task(n_docs: int = 50):
             self.data_loaded = True
 
     return LeeSTS()
+
+
+def embed_texts(model, tokenizer, texts: list[str], *, causal: bool = False, max_length: int = 512,
+                batch_size: int = 8):
+    """Mean-pooled last hidden states (N, D), fp32, of a decoder run causally or bidirectionally (right padding)."""
+    import torch
+
+    from bidirlm_pl.backbone import decoder_of
+    from bidirlm_pl.pooling import mean_pool
+
+    model.eval()
+    decoder = decoder_of(model)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            hidden = decoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             is_causal=causal).last_hidden_state
+            out.append(mean_pool(hidden, enc["attention_mask"]).float())
+    return torch.cat(out)
+
+
+class MeanPoolEncoder:
+    """``encode(texts, batch_size) -> (N, D)`` over any decoder: mean pooling, causal or bidirectional attention."""
+
+    def __init__(self, model, tokenizer, max_length: int = 512, *, causal: bool = False):
+        self.model, self.tokenizer, self.max_length, self.causal = model, tokenizer, max_length, causal
+
+    def encode(self, texts, batch_size: int = 8, **_):
+        return embed_texts(self.model, self.tokenizer, list(texts), causal=self.causal, max_length=self.max_length,
+                           batch_size=batch_size).numpy()
