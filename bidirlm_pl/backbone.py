@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from bidirlm_pl import attention
 from bidirlm_pl.errors import BidirLMError, require
-from bidirlm_pl.varlen import VARLEN_PREFIX
+from bidirlm_pl.varlen import KERNELS, VARLEN_PREFIX, kernel_backend
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "gemma3_text", "gemma3", "llama")
 BACKENDS = ("eager", "sdpa", "flex_attention", "torch_varlen", "flash_attention_2", "flash_attention_4")
@@ -106,8 +106,6 @@ def check_backend(attn_implementation: str) -> str:
 
 def resolve_backend(attn_implementation: str) -> str:
     """The backend name to load with: varlen kernels (CUDA) are registered as our packed varlen backends."""
-    from bidirlm_pl.varlen import KERNELS, kernel_backend
-
     check_backend(attn_implementation)
     if attn_implementation in KERNELS:
         return kernel_backend(attn_implementation)

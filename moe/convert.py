@@ -125,6 +125,16 @@ def ubmoe_ffns(model: nn.Module) -> list[UniBiFFN]:
     return [m for m in model.modules() if isinstance(m, UniBiFFN)]
 
 
+def ubmoe_record(model: str | Path) -> dict | None:
+    """The ``ubmoe`` entry of a model folder's config.json (None for plain models and assets)."""
+    from bidirlm_pl import assets
+
+    if str(model) in assets.ASSETS:
+        return None
+    config = Path(model).expanduser() / "config.json"
+    return json.loads(config.read_text()).get("ubmoe") if config.is_file() else None
+
+
 def spec_of(model: nn.Module) -> UBMoESpec:
     if not is_ubmoe(model):
         raise BidirLMError("this model is not a UBMoE model; convert it with convert_to_ubmoe() first")

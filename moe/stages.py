@@ -16,17 +16,22 @@ Both export a UBMoE folder (``config.json`` records the MoE; reload with ``bidir
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bidirlm_pl.moe.convert import UBMoESpec, convert_to_ubmoe, load_ubmoe, set_routing, ubmoe_ffns
+from bidirlm_pl.moe.convert import (
+    UBMoESpec,
+    convert_to_ubmoe,
+    load_ubmoe,
+    set_routing,
+    ubmoe_ffns,
+    ubmoe_record,
+)
 from bidirlm_pl.moe.ffn import check_routing, load_balancing_loss
 from lightning.pytorch.cli import OptimizerCallable
 
-from bidirlm_pl.backbone import BackboneSpec, load_backbone
+from bidirlm_pl.backbone import BackboneSpec
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.mntp_loss import causal_lm_loss, final_logit_softcap
 from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
@@ -63,16 +68,6 @@ def apply_moe_trainable(model: torch.nn.Module, groups: list[str]) -> dict[str, 
     return counts
 
 
-def _folder_spec(model: str) -> dict | None:
-    """The ``ubmoe`` entry of a model folder's config.json (None for plain models and assets)."""
-    from bidirlm_pl import assets
-
-    if model in assets.ASSETS:
-        return None
-    config = Path(model).expanduser() / "config.json"
-    return json.loads(config.read_text()).get("ubmoe") if config.is_file() else None
-
-
 class _UBMoEStage(BackboneStage):
     """Shared plumbing: build or reload the UBMoE model, set routing and trainable groups."""
 
@@ -103,7 +98,7 @@ class _UBMoEStage(BackboneStage):
             raise BidirLMError(f"routing '{routing}' gives no gradient to trainable groups {list(trainable)}: "
                                f"nothing would train")
         self.spec = (ubmoe or UBMoESpec()).validate()
-        self.folder_spec = _folder_spec(self.model_path)
+        self.folder_spec = ubmoe_record(self.model_path)
 
     def build_model(self):
         if self.folder_spec is not None:
@@ -111,20 +106,13 @@ class _UBMoEStage(BackboneStage):
                                           attn_implementation=self.attn_implementation,
                                           bidirectional=self.bidirectional)
         else:
-            model, tokenizer = load_backbone(self.model_path, attn_implementation=self.attn_implementation,
-                                             dtype=self.dtype_name, bidirectional=self.bidirectional, head=self.head)
+            model, tokenizer = self.load()
             convert_to_ubmoe(model, self.spec)
         set_routing(model, self.train_routing)
         return model, tokenizer
 
-    def configure_model(self):
-        if self.backbone is not None:
-            return
-        self.backbone, self.tokenizer = self.build_model()
-        self.trainable_counts = apply_moe_trainable(self.backbone, self.trainable)
-        # from_pretrained returns eval mode and Lightning keeps module modes: dropout needs train mode
-        self.backbone.train(self.training)
-        self.finish_model()
+    def apply_groups(self) -> dict[str, int]:
+        return apply_moe_trainable(self.backbone, self.trainable)
 
 
 class UBMoEStage1(_UBMoEStage):
@@ -190,23 +178,6 @@ class UBMoEStage1(_UBMoEStage):
 
     def batch_size_of(self, batch: dict) -> int:
         return int(batch["query"]["input_ids"].shape[0])
-
-
-def next_token_loss(logits_BTV: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy and the number of targets; packed rows never predict across documents."""
-    targets_BT = batch["input_ids"][:, 1:]
-    if batch.get("seq_ids") is not None:
-        seq = batch["seq_ids"]
-        valid_BT = (seq[:, 1:] == seq[:, :-1]) & (seq[:, 1:] >= 0)
-    elif batch.get("attention_mask") is not None:
-        mask = batch["attention_mask"].bool()
-        valid_BT = mask[:, 1:] & mask[:, :-1]
-    else:
-        valid_BT = torch.ones_like(targets_BT, dtype=torch.bool)
-    logits_NV = logits_BTV[:, :-1][valid_BT]
-    n = valid_BT.sum()
-    loss = F.cross_entropy(logits_NV.float(), targets_BT[valid_BT], reduction="sum") / n.clamp(min=1)
-    return loss, n
 
 
 def token_mask(batch: dict) -> torch.Tensor | None:

@@ -93,8 +93,7 @@ def test_no_targets_gives_a_zero_loss_with_a_graph():
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_chunked_causal_lm_loss_equals_full_logits(layout, chunk):
     """The causal-LM loss through the sparse, chunked path equals full-vocabulary logits, value and gradients."""
-    from bidirlm_pl.mntp_loss import causal_lm_loss
-    from bidirlm_pl.moe.stages import next_token_loss
+    from bidirlm_pl.mntp_loss import causal_lm_loss, full_logits_causal_lm_loss
 
     g = torch.Generator().manual_seed(1)
     B, T, D, V = 2, 9, 16, 50
@@ -110,7 +109,7 @@ def test_chunked_causal_lm_loss_equals_full_logits(layout, chunk):
     sparse = causal_lm_loss(hidden, batch, head, chunk_size=chunk, softcap=30.0).loss
     grads = torch.autograd.grad(sparse, [hidden, head.weight])
     logits = torch.tanh(head(hidden) / 30.0) * 30.0
-    full, _ = next_token_loss(logits, batch)
+    full, _ = full_logits_causal_lm_loss(logits, batch)
     ref = torch.autograd.grad(full, [hidden, head.weight])
     assert torch.allclose(sparse, full, atol=1e-5)
     for a, b in zip(grads, ref):

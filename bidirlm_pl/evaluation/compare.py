@@ -45,14 +45,13 @@ def split_routing(path: str) -> tuple[str, str | None]:
 
 def load_any(path: str, *, attn_implementation: str = "sdpa"):
     """A causal LM and tokenizer from a plain folder, an asset name or a UBMoE folder (``@routing`` allowed)."""
-    from transformers import AutoConfig
-
     from bidirlm_pl.backbone import load_backbone, resolve_model_path
     from bidirlm_pl.errors import BidirLMError
+    from bidirlm_pl.moe.convert import ubmoe_record
 
     path, routing = split_routing(path)
     folder = resolve_model_path(path)
-    if getattr(AutoConfig.from_pretrained(folder), "ubmoe", None) is not None:
+    if ubmoe_record(folder) is not None:
         from bidirlm_pl.moe.convert import load_ubmoe
         from bidirlm_pl.moe.modes import set_mode_routing
 

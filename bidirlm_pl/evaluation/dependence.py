@@ -126,16 +126,17 @@ def dependence(model, tokenizer, texts: list[str], *, name: str = "model", max_l
     decoder = decoder_of(model)
     bidirectional = not getattr(model.config, "is_causal", True)
     per_text, per_layer_sum, by_bucket = [], None, {}
-    for text in tqdm(texts, desc=f"dependence {name}", disable=not progress or len(texts) < 8):
-        enc = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
-        if enc["input_ids"].shape[1] < 2:
-            continue
-        with capture_attention(model, masked=masked) as records:
+    with capture_attention(model, masked=masked) as records:
+        for text in tqdm(texts, desc=f"dependence {name}", disable=not progress or len(texts) < 8):
+            enc = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
+            if enc["input_ids"].shape[1] < 2:
+                continue
+            records.clear()
             decoder(input_ids=enc["input_ids"], is_causal=not bidirectional)
-        layers_LS = torch.stack(records)
-        per_text.append(layers_LS.mean(0))
-        by_bucket.setdefault(bucket_of(enc["input_ids"].shape[1]), []).append(layers_LS.mean(0))
-        per_layer_sum = layers_LS if per_layer_sum is None else per_layer_sum + layers_LS
+            layers_LS = torch.stack(records)
+            per_text.append(layers_LS.mean(0))
+            by_bucket.setdefault(bucket_of(enc["input_ids"].shape[1]), []).append(layers_LS.mean(0))
+            per_layer_sum = layers_LS if per_layer_sum is None else per_layer_sum + layers_LS
     if not per_text:
         from bidirlm_pl.errors import BidirLMError
 

@@ -118,14 +118,9 @@ class BackboneStage(L.LightningModule):
             raise BidirLMError(f"{type(self).__name__} runs with backbone.bidirectional "
                                f"{self.fixed_bidirectional}, not {bidirectional}")
         self.backbone_spec = spec
-        self.model_path = spec.model
-        self.attn_implementation = spec.attn_implementation
-        self.dtype_name = spec.dtype
         self.bidirectional = bidirectional
         self.head = head
-        self.lora = spec.lora
         self.trainable = list(spec.trainable) if spec.trainable else self.default_trainable()
-        self.gradient_checkpointing = spec.gradient_checkpointing
         self.optimizer_factory = optimizer
         self.schedule = schedule or Schedule()
         self.backbone = None
@@ -134,30 +129,41 @@ class BackboneStage(L.LightningModule):
     def default_trainable(self) -> list[str]:
         return ["lora"] if self.lora else ["all"]
 
+    # the spec's fields under the names the stages, callbacks and export use
+    model_path = property(lambda self: self.backbone_spec.model)
+    attn_implementation = property(lambda self: self.backbone_spec.attn_implementation)
+    dtype_name = property(lambda self: self.backbone_spec.dtype)
+    lora = property(lambda self: self.backbone_spec.lora)
+    gradient_checkpointing = property(lambda self: self.backbone_spec.gradient_checkpointing)
+
     # ------------------------------------------------------------------ model
-    def build_model(self):
-        """Return ``(model, tokenizer)``. Override to wrap or convert the backbone (UBMoE, merges)."""
+    def load(self, path: str | None = None):
+        """``(model, tokenizer)`` of ``path`` (default the spec's model) loaded as the spec says."""
         return load_backbone(
-            self.model_path, attn_implementation=self.attn_implementation, dtype=self.dtype_name,
+            path or self.model_path, attn_implementation=self.attn_implementation, dtype=self.dtype_name,
             bidirectional=self.bidirectional, head=self.head, lora=self.lora,
         )
+
+    def build_model(self):
+        """Return ``(model, tokenizer)``. Override to wrap or convert the backbone (UBMoE, merges)."""
+        return self.load()
+
+    def apply_groups(self) -> dict[str, int]:
+        """Freeze all but the ``trainable`` groups; return trainable parameter counts. UBMoE has its own groups."""
+        return apply_trainable(self.backbone, self.trainable)
 
     def configure_model(self):
         if self.backbone is not None:
             return
         self.backbone, self.tokenizer = self.build_model()
         self.backbone.train()  # from_pretrained returns eval mode and Lightning keeps module modes
-        self.trainable_counts = apply_trainable(self.backbone, self.trainable)
-        self.finish_model()
-        if self.device_mesh is not None:  # ModelParallelStrategy: shard after the model is finished
-            self.parallelize(self.device_mesh)
-
-    def finish_model(self) -> None:
-        """Gradient checkpointing and regional compilation, once the trainable set is chosen."""
+        self.trainable_counts = self.apply_groups()
         if self.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.backbone_spec.compile:
             compile_layers(self.backbone)
+        if self.device_mesh is not None:  # ModelParallelStrategy: shard after the model is finished
+            self.parallelize(self.device_mesh)
 
     def parallelize(self, device_mesh) -> None:
         """FSDP2: shard every decoder layer, then the root, over the data-parallel mesh dimension."""

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from bidirlm_pl.backbone import BackboneSpec, load_backbone
+from bidirlm_pl.backbone import BackboneSpec
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.merging.engine import MergeSpec, merge, plan
 from bidirlm_pl.pooling import Pooling
@@ -110,8 +110,7 @@ class MergeStage(BackboneStage):
         return str(self.merged_folder)
 
     def build_model(self):
-        return load_backbone(self.merged_model_path(), attn_implementation=self.attn_implementation,
-                             dtype=self.dtype_name, bidirectional=self.bidirectional, head=self.head, lora=self.lora)
+        return self.load(self.merged_model_path())
 
     def configure_model(self):
         if self.backbone is not None:
