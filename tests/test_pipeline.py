@@ -14,6 +14,8 @@ def _absolute(recipe: dict) -> dict:
     for stage in recipe["stages"]:
         if "fit" in stage:
             stage["fit"] = str(REPO / stage["fit"])
+        if "command" in stage:
+            stage["command"] = [str(REPO / a) if str(a).startswith("configs/") else a for a in stage["command"]]
     return recipe
 
 
@@ -28,9 +30,9 @@ def test_tiny_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, monkeyp
     for name in ("mntp", "merged", "contrastive"):
         config = json.loads((Path(outputs[name]) / "config.json").read_text())
         assert config["is_causal"] is False, name
-    report = json.loads((Path(outputs["compare"]) / "report.json").read_text())
-    assert [r["name"] for r in report] == ["tiny-qwen3", "mntp", "merged", "contrastive"]
-    assert all(r["perplexity"] > 1 for r in report)
+    report = json.loads((Path(outputs["compare"]) / "report.json").read_text())["models"]
+    assert [r["name"] for r in report] == ["base", "mntp", "merged", "contrastive"]
+    assert all(r["results"]["lee-perplexity"]["perplexity"] > 1 for r in report)
     capsys.readouterr()
     run_recipe(path)  # second run: everything finished earlier
     assert capsys.readouterr().out.count("finished earlier") == 4
@@ -59,10 +61,12 @@ def test_compare_runs_ubmoe_folders_in_each_modes_routing(tmp_path):
     model, tok = load_backbone("tiny-qwen3", bidirectional=False)
     convert_to_ubmoe(model)
     save_ubmoe(model, tok, tmp_path / "ubmoe")
-    plain, ubmoe = compare(["tiny-qwen3", str(tmp_path / "ubmoe")], output=str(tmp_path / "report"))
+    plain, ubmoe = compare(["tiny-qwen3", str(tmp_path / "ubmoe")], config=str(REPO / "configs/compare/tiny.yaml"),
+                           output=str(tmp_path / "report"), progress=False)
     # expert 1 starts as a copy of expert 0, so every routing reproduces the plain model
-    assert abs(plain.perplexity - ubmoe.perplexity) <= 1e-3 * plain.perplexity
-    assert abs(plain.lee_spearman_bidirectional - ubmoe.lee_spearman_bidirectional) <= 1e-4
+    ppl = plain.results["lee-perplexity"]["perplexity"]
+    assert abs(ppl - ubmoe.results["lee-perplexity"]["perplexity"]) <= 1e-3 * ppl
+    assert ubmoe.results["lee-sts"]["spearman"] == pytest.approx(plain.results["lee-sts"]["spearman"], abs=1e-4)
     assert (tmp_path / "report" / "report.md").exists()
 
 
@@ -77,10 +81,37 @@ def test_ubmoe_tiny_recipe_compares_four_variants(tmp_path, monkeypatch):
     assert list(outputs) == ["stage1", "stage2", "compare"]
     for name in ("stage1", "stage2"):
         assert "ubmoe" in json.loads((Path(outputs[name]) / "config.json").read_text())
-    rows = {r["name"]: r for r in json.loads((Path(outputs["compare"]) / "report.json").read_text())}
+    report = json.loads((Path(outputs["compare"]) / "report.json").read_text())
+    rows = {r["name"]: r["results"] for r in report["models"]}
     assert list(rows) == ["original", "naive-bi-ffn", "ubmoe", "ubmoe-forced0"]
     original, forced0 = rows["original"], rows["ubmoe-forced0"]
     assert forced0["continuation"] == original["continuation"]
-    assert forced0["perplexity"] == pytest.approx(original["perplexity"], rel=1e-5)
-    assert rows["naive-bi-ffn"]["perplexity"] != pytest.approx(original["perplexity"], rel=1e-5)
+    ppl = original["lee-perplexity"]["perplexity"]
+    assert forced0["lee-perplexity"]["perplexity"] == pytest.approx(ppl, rel=1e-5)
+    assert rows["naive-bi-ffn"]["lee-perplexity"]["perplexity"] != pytest.approx(ppl, rel=1e-5)
     assert (Path(outputs["compare"]) / "report.md").is_file()
+
+
+def test_tiny_ablation_recipe_writes_table_json_and_plot(tmp_path, monkeypatch):
+    """Every ablation variant trains, merges or loads; both comparisons write table, JSON and plot."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _absolute(yaml.safe_load((REPO / "configs/recipes/ablation-tiny.yaml").read_text()))
+    recipe["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    outputs = run_recipe(path)
+    report_dir = Path(outputs["compare"])
+    report = json.loads((report_dir / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["base", "bi+base", "bi+mntp", "bi+mntp+merge", "bi+con", "bi+con+merge", "bi+mntp+con",
+                     "bi+mntp+merge+con"]
+    dependence = json.loads((Path(outputs["compare-dependence"]) / "report.json").read_text())
+    assert [m["name"] for m in dependence["models"]][-2:] == ["mntp-attn-only", "mntp-ffn-only"]
+    rows = {m["name"]: m for m in report["models"]}
+    assert rows["base"]["attention"] == "causal"
+    # the base weights score the same perplexity whatever their embedding attention; training changes it
+    assert rows["bi+base"]["results"]["lee-perplexity"] == rows["base"]["results"]["lee-perplexity"]
+    assert rows["bi+mntp"]["results"]["lee-perplexity"] != rows["base"]["results"]["lee-perplexity"]
+    assert all(m["mean_embedding_score"] is not None for m in report["models"])
+    assert (report_dir / "report.png").stat().st_size > 1000
+    assert "| bi+mntp+merge+con | bidirectional |" in (report_dir / "report.md").read_text()

@@ -1,36 +1,28 @@
 """``bidirlm compare``: what each variant does to generation and to embeddings, on one scale.
 
-For every model folder (plain, MNTP-adapted, merged, contrastive, UBMoE): causal perplexity on
-held-out text (the 50 Lee documents, which no shipped training config uses), the Lee similarity
-Spearman with bidirectional and with causal attention (mean pooling), and a greedy continuation
-of a fixed prompt. Writes ``report.json`` and ``report.md`` atomically and prints the table.
+Every model folder (plain, MNTP-adapted, merged, contrastive, UBMoE) runs the evaluation suite of
+``--config`` (``configs/compare/*.yaml``; default: ``configs/compare/default.yaml``'s tasks):
+generation (causal perplexity, greedy continuations, cloze accuracy), embeddings (STS Spearman,
+retrieval Recall@1/@10 and nDCG@10, linear-probe accuracy, clustering V-measure) and attention
+dependence. Writes ``report.json``, ``report.md`` and ``report.png`` (mean embedding score against
+perplexity) atomically into ``--output`` and prints the table.
 
-    bidirlm compare gemma3-270m runs/quickstart/mntp/hf runs/quickstart/contrastive/hf --output runs/compare
+    bidirlm compare gemma3-270m gemma3-270m runs/quickstart/contrastive/hf \
+        --names base bi-base contrastive --attention causal bidirectional bidirectional --output runs/compare
     bidirlm compare gemma3-270m runs/ubmoe/stage2/hf@forced1 runs/ubmoe/stage2/hf   # naive bi-FFN vs UBMoE
 
-A UBMoE folder's perplexity, continuation and causal Spearman run in its ``generate`` mode (its
-learned routing), its bidirectional Spearman in its ``embed`` mode; ``FOLDER@ROUTING`` uses one
-routing for both (``@forced1``: the bidirectional FFN fine-tune without router, ``@forced0``: the
-original model exactly).
+``--attention`` sets each model's embedding attention (``bidirectional``, the default, or
+``causal``: the base model used as a decoder with mean pooling). A UBMoE folder runs generation
+tasks in its ``generate`` mode (its learned routing) and bidirectional embeddings in its ``embed``
+mode; ``FOLDER@ROUTING`` uses one routing for both (``@forced1``: the bidirectional FFN fine-tune
+without router, ``@forced0``: the original model exactly).
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-
-
-@dataclass
-class Row:
-    name: str
-    path: str
-    perplexity: float
-    lee_spearman_bidirectional: float
-    lee_spearman_causal: float
-    continuation: str
-    seconds: float
 
 
 def split_routing(path: str) -> tuple[str, str | None]:
@@ -65,31 +57,11 @@ def load_any(path: str, *, attn_implementation: str = "sdpa"):
     return load_backbone(folder, attn_implementation=attn_implementation, head="causal_lm")
 
 
-def evaluate_model(path: str, name: str | None = None, *, max_length: int = 256, batch_size: int = 4) -> Row:
-    from bidirlm_pl import assets
-    from bidirlm_pl.evaluation.embedding import MeanPoolEncoder, lee_spearman
-    from bidirlm_pl.evaluation.generation import causal_perplexity, continuation
-
-    start = time.time()
-    model, tokenizer = load_any(path)
-    model.eval()
-    with _ubmoe_mode(model, "generate"):  # UBMoE: each mode runs with its own recorded routing
-        ppl = causal_perplexity(model, tokenizer, assets.lee_documents(), max_length=max_length,
-                                batch_size=batch_size)
-        text = continuation(model, tokenizer)
-        causal = lee_spearman(MeanPoolEncoder(model, tokenizer, max_length, causal=True), batch_size=batch_size)
-    with _ubmoe_mode(model, "embed"):
-        bidi = lee_spearman(MeanPoolEncoder(model, tokenizer, max_length), batch_size=batch_size)
-    return Row(name or _display_name(path), str(path), ppl, bidi, causal, text, time.time() - start)
-
-
-def _ubmoe_mode(model, name: str):
-    from contextlib import nullcontext
-
-    from bidirlm_pl.moe.convert import is_ubmoe
-    from bidirlm_pl.moe.modes import mode
-
-    return mode(model, name) if is_ubmoe(model) else nullcontext()
+def _display_name(path: str) -> str:
+    path, routing = split_routing(path)
+    p = Path(str(path))
+    name = p.parent.name if p.name == "hf" and p.parent.name else p.name
+    return f"{name}@{routing}" if routing else name
 
 
 def _display_name(path: str) -> str:
@@ -99,53 +71,135 @@ def _display_name(path: str) -> str:
     return f"{name}@{routing}" if routing else name
 
 
-def markdown(rows: list[Row]) -> str:
-    lines = [
-        "| model | causal perplexity (Lee 50, lower is better) | Lee Spearman, bidirectional | "
-        "Lee Spearman, causal | greedy continuation |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        text = r.continuation.replace("|", "/").replace("\n", " ")
-        lines.append(f"| {r.name} | {r.perplexity:.2f} | {r.lee_spearman_bidirectional:.4f} | "
-                     f"{r.lee_spearman_causal:.4f} | {text} |")
+def _cell(task, values: dict | None) -> str:
+    if not values:
+        return "-"
+    if task.kind == "perplexity":
+        return f"{values['perplexity']:.2f}"
+    if task.kind == "retrieval":
+        return f"{values['recall@1']:.3f} / {values['recall@10']:.3f} / {values['ndcg@10']:.3f}"
+    if task.kind == "dependence":
+        return f"{values['dp_before']:.1f} / {values['dp_main']:.1f} / {values['dp_after']:.1f}"
+    from bidirlm_pl.evaluation.suite import MAIN_METRIC
+
+    return f"{values[MAIN_METRIC[task.kind]]:.4f}"
+
+
+HEADERS = {"perplexity": "perplexity (lower is better)", "multiple_choice": "cloze accuracy",
+           "sts": "STS Spearman", "retrieval": "R@1 / R@10 / nDCG@10", "classification": "probe accuracy",
+           "clustering": "V-measure", "dependence": "DP before / main / after %"}
+
+
+def markdown(results, suite) -> str:
+    """The comparison table (one row per model, one column per task) and the continuations side by side."""
+    tasks = [t for t in suite.tasks if t.kind != "continuation"]
+    head = ["model", "embedding attention"] + [f"{t.name}: {HEADERS[t.kind]}" for t in tasks]
+    if suite.embedding_tasks:
+        head.append("mean embedding score")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for r in results:
+        cells = [r.name, r.attention] + [_cell(t, r.results.get(t.name)) for t in tasks]
+        if suite.embedding_tasks:
+            score = r.mean_embedding_score(suite)
+            cells.append("-" if score is None else f"{score:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    for t in suite.tasks:
+        if t.kind != "continuation":
+            continue
+        for i, prompt in enumerate(t.prompts):
+            lines += ["", f"Greedy continuations of \"{prompt}\" ({t.name}):", "", "| model | continuation |",
+                      "|---|---|"]
+            for r in results:
+                text = r.results[t.name]["texts"][i].replace("|", "/").replace("\n", " ")
+                lines.append(f"| {r.name} | {text} |")
     return "\n".join(lines) + "\n"
 
 
-def compare(paths: list[str], names: list[str] | None = None, *, output: str | None = None,
-            max_length: int = 256, overwrite: bool = False) -> list[Row]:
+def plot(results, suite, target: Path) -> bool:
+    """Mean embedding score against perplexity, one labelled point per model; False when either is missing."""
+    perplexity = next((t for t in suite.tasks if t.kind == "perplexity"), None)
+    points = [(r.name, r.main(perplexity), r.mean_embedding_score(suite)) for r in results] if perplexity else []
+    points = [p for p in points if p[1] is not None and p[2] is not None]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, ppl, score in points:
+        ax.scatter(ppl, score, s=40)
+        ax.annotate(name, (ppl, score), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"causal perplexity, {perplexity.name} (log scale, lower is better)")
+    ax.set_ylabel(f"mean embedding score over {len(suite.embedding_tasks)} tasks (higher is better)")
+    ax.set_title(f"generation vs embeddings ({suite.name})")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def compare(paths: list[str], names: list[str] | None = None, *, attention: list[str] | None = None,
+            config: str | None = None, output: str | None = None, max_length: int | None = None,
+            overwrite: bool = False, progress: bool = True):
+    """Run the suite on every model; returns the per-model results (and writes the report to ``output``)."""
     from bidirlm_pl.backbone import resolve_model_path
     from bidirlm_pl.errors import BidirLMError
+    from bidirlm_pl.evaluation.suite import ModelSpec, check_data, evaluate, load_suite
     from bidirlm_pl.export import atomic_folder
 
-    if names and len(names) != len(paths):
-        raise BidirLMError(f"--names has {len(names)} entries for {len(paths)} models; give one name per model")
+    for option, values in (("--names", names), ("--attention", attention)):
+        if values and len(values) != len(paths):
+            raise BidirLMError(f"{option} has {len(values)} entries for {len(paths)} models; give one per model")
+    specs = [ModelSpec(p, names[i] if names else _display_name(p),
+                       attention[i] if attention else "bidirectional") for i, p in enumerate(paths)]
+    if len({s.name for s in specs}) != len(specs):
+        raise BidirLMError(f"model names repeat: {[s.name for s in specs]}; give distinct --names")
+    suite = load_suite(config)
+    if max_length is not None:
+        suite.max_length = max_length
     for p in paths:
         resolve_model_path(split_routing(p)[0])  # fail on a bad path before any slow evaluation
+    check_data(suite)
     if output and Path(output).exists() and not overwrite:
         raise BidirLMError(f"output folder '{output}' already exists; pass --overwrite to replace it")
-    rows = []
-    for i, p in enumerate(paths):
-        print(f"[{i + 1}/{len(paths)}] evaluating {p}", flush=True)
-        rows.append(evaluate_model(p, names[i] if names else None, max_length=max_length))
-    table = markdown(rows)
+    results = []
+    for i, spec in enumerate(specs):
+        print(f"[{i + 1}/{len(specs)}] evaluating {spec.name} ({spec.path}, {spec.attention} embeddings)", flush=True)
+        results.append(evaluate(spec, suite, progress=progress))
+    table = markdown(results, suite)
     print(table)
     if output:
         with atomic_folder(output, overwrite=overwrite) as staging:
-            (staging / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+            report = {"suite": suite.name, "max_length": suite.max_length,
+                      "tasks": [asdict(t) | {"source": t.source if t.kind != "continuation" else None}
+                                for t in suite.tasks],
+                      "models": [asdict(r) | {"mean_embedding_score": r.mean_embedding_score(suite)}
+                                 for r in results]}
+            (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             (staging / "report.md").write_text(table)
-    return rows
+            if not plot(results, suite, staging / "report.png"):
+                print("no plot: the suite needs a perplexity task and an embedding task")
+        print(f"report written to {output}/report.md, report.json, report.png")
+    return results
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("models", nargs="+", help="model folders or asset names (plain, merged, UBMoE...); "
                         "UBMoE@ROUTING (soft, top1, forced0, forced1) evaluates a UBMoE folder with one routing")
     parser.add_argument("--names", nargs="+", help="a display name per model")
-    parser.add_argument("--output", help="folder for report.json and report.md")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per evaluation row")
+    parser.add_argument("--attention", nargs="+", choices=["bidirectional", "causal"],
+                        help="embedding attention per model (default: bidirectional for all)")
+    parser.add_argument("--config", help="evaluation suite YAML (configs/compare/*.yaml; default: the default suite)")
+    parser.add_argument("--output", help="folder for report.json, report.md and report.png")
+    parser.add_argument("--max-length", type=int, help="tokens per text for every task (overrides the suite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
 def main(args) -> int:
-    compare(args.models, args.names, output=args.output, max_length=args.max_length, overwrite=args.overwrite)
+    compare(args.models, args.names, attention=args.attention, config=args.config, output=args.output,
+            max_length=args.max_length, overwrite=args.overwrite)
     return 0

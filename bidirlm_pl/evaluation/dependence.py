@@ -117,14 +117,19 @@ def bucket_of(length: int) -> str:
 
 @torch.no_grad()
 def dependence(model, tokenizer, texts: list[str], *, name: str = "model", max_length: int = 256,
-               masked: bool = False, per_layer: bool = False, progress: bool = True) -> DependenceReport:
-    """Attention dependence of ``model`` on ``texts`` (one text per forward pass, no padding)."""
+               masked: bool = False, per_layer: bool = False, progress: bool = True,
+               bidirectional: bool | None = None) -> DependenceReport:
+    """Attention dependence of ``model`` on ``texts`` (one text per forward pass, no padding).
+
+    The model runs in its own mode (its config's ``is_causal``) unless ``bidirectional`` says otherwise.
+    """
     from tqdm.auto import tqdm
 
     from bidirlm_pl.backbone import decoder_of
 
     decoder = decoder_of(model)
-    bidirectional = not getattr(model.config, "is_causal", True)
+    if bidirectional is None:
+        bidirectional = not getattr(model.config, "is_causal", True)
     per_text, per_layer_sum, by_bucket = [], None, {}
     with capture_attention(model, masked=masked) as records:
         for text in tqdm(texts, desc=f"dependence {name}", disable=not progress or len(texts) < 8):

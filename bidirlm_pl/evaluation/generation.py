@@ -57,3 +57,52 @@ def continuation(model, tokenizer, prompt: str = PROMPT, max_new_tokens: int = 1
     finally:
         attention.set_bidirectional(model, was_bidirectional)
     return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """Sum of log-probabilities of each choice's tokens after ``context`` (causal attention)."""
+    return continuation_logprobs(model, tokenizer, [(context, c) for c in choices])
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[float]:
+    """For each (context, continuation): the summed log-probability of the continuation's tokens, causally."""
+    decoder = decoder_of(model)
+    head, softcap = model.get_output_embeddings(), final_logit_softcap(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = []
+    for context, text in pairs:
+        context_ids = tokenizer(context)["input_ids"]
+        encoded.append((len(context_ids), context_ids + tokenizer(text, add_special_tokens=False)["input_ids"]))
+    scores = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        T = max(len(ids) for _, ids in chunk)
+        ids_BT = torch.tensor([ids + [pad] * (T - len(ids)) for _, ids in chunk])
+        mask_BT = torch.tensor([[1] * len(ids) + [0] * (T - len(ids)) for _, ids in chunk])
+        hidden_BTD = decoder(input_ids=ids_BT, attention_mask=mask_BT, is_causal=True).last_hidden_state
+        rows = torch.cat([torch.full((len(ids) - n,), b) for b, (n, ids) in enumerate(chunk)])
+        positions = torch.cat([torch.arange(n - 1, len(ids) - 1) for n, ids in chunk])  # the state before each token
+        logits = head(hidden_BTD[rows, positions]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, ids_BT[rows, positions + 1].unsqueeze(1))[:, 0]
+        scores += torch.zeros(len(chunk)).index_add_(0, rows, token_logprobs).tolist()
+    return scores
+
+
+def multiple_choice_accuracy(model, tokenizer, records: list[dict], batch_size: int = 32) -> float:
+    """Share of records whose ``answer`` choice has the highest log-likelihood after its ``context``."""
+    from bidirlm_pl.errors import BidirLMError
+
+    pairs, spans = [], []
+    for i, r in enumerate(records):
+        if not (isinstance(r["answer"], int) and 0 <= r["answer"] < len(r["choices"])):
+            raise BidirLMError(f"multiple-choice record {i}: answer {r['answer']!r} is not an index into "
+                               f"its {len(r['choices'])} choices")
+        spans.append((len(pairs), len(r["choices"])))
+        pairs += [(r["context"], c) for c in r["choices"]]
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+    correct = sum(int(max(range(n), key=lambda k: scores[s + k]) == r["answer"]) for (s, n), r in zip(spans, records))
+    return correct / len(records)

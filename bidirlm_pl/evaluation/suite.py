@@ -1,0 +1,289 @@
+"""The evaluation suite of ``bidirlm compare``: tasks from ``configs/compare/*.yaml``, run on one model.
+
+A suite file::
+
+    max_length: 256          # tokens per text (every task; a task may set its own)
+    batch_size: 8
+    tasks:
+      - {name: lee-perplexity, kind: perplexity}                 # built-in data for the kind
+      - {name: polarity, kind: classification, data: polarity}   # a named built-in data set
+      - {name: mine, kind: retrieval, path: my-pairs.jsonl}      # a local JSONL file
+
+Kinds and record shapes: :mod:`bidirlm_pl.evaluation.task_data`. Generation tasks (perplexity,
+continuation, multiple_choice) run causally (a UBMoE folder in its ``generate`` mode); embedding tasks
+(sts, retrieval, classification, clustering) mean-pool the last hidden states with the model's
+embedding attention (``bidirectional`` by default, ``causal`` for a base-model baseline; a UBMoE
+folder in its ``embed`` mode when bidirectional); dependence reports DP-before / main / after
+of the attention without a causal mask, the model run with its embedding attention.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.evaluation.task_data import FIELDS, builtin, builtin_names_for, read_jsonl
+
+GENERATION_KINDS = ("perplexity", "continuation", "multiple_choice")
+EMBEDDING_KINDS = ("sts", "retrieval", "classification", "clustering")
+KINDS = GENERATION_KINDS + EMBEDDING_KINDS + ("dependence",)
+MAIN_METRIC = {"perplexity": "perplexity", "multiple_choice": "accuracy", "sts": "spearman",
+               "retrieval": "ndcg@10", "classification": "accuracy", "clustering": "v_measure",
+               "dependence": "dp_after"}
+ATTENTIONS = ("bidirectional", "causal")
+DEFAULT_PROMPTS = ["The prime minister said on Tuesday that"]
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    kind: str
+    data: str | None = None           # a built-in data set (task_data.builtin)
+    path: str | None = None           # or a local JSONL file
+    limit: int | None = None          # first N records only
+    max_length: int | None = None     # tokens per text; default: the suite's
+    prompts: list[str] | None = None  # continuation only
+    max_new_tokens: int = 16          # continuation only
+
+    def __post_init__(self):
+        where = f"task '{self.name}'"
+        if self.kind not in KINDS:
+            raise BidirLMError(f"{where}: unknown kind '{self.kind}'; expected one of {list(KINDS)}")
+        if self.kind == "continuation":
+            if self.data or self.path:
+                raise BidirLMError(f"{where}: a continuation task takes 'prompts', not data or path")
+            self.prompts = list(self.prompts or DEFAULT_PROMPTS)
+            return
+        if self.prompts is not None:
+            raise BidirLMError(f"{where}: 'prompts' belongs to continuation tasks, not to kind '{self.kind}'")
+        if self.data and self.path:
+            raise BidirLMError(f"{where}: give 'data' (built-in '{self.data}') or 'path' ('{self.path}'), not both")
+        if self.data is None and self.path is None:
+            self.data = builtin_names_for(self.kind)[0]
+        if self.data and self.data not in builtin_names_for(self.kind):
+            raise BidirLMError(f"{where}: built-in data '{self.data}' does not fit kind '{self.kind}'; "
+                               f"expected one of {builtin_names_for(self.kind)} or a JSONL 'path'")
+        if self.limit is not None and self.limit < 2:
+            raise BidirLMError(f"{where}: limit {self.limit} must be at least 2")
+
+    def records(self) -> list[dict]:
+        records = builtin(self.data) if self.data else read_jsonl(self.path, FIELDS[self.kind])
+        return records[: self.limit] if self.limit else records
+
+    @property
+    def source(self) -> str:
+        return f"builtin:{self.data}" if self.data else str(self.path)
+
+
+@dataclass
+class Suite:
+    tasks: list[TaskSpec]
+    max_length: int = 256
+    batch_size: int = 8
+    name: str = "suite"
+
+    @property
+    def embedding_tasks(self) -> list[TaskSpec]:
+        return [t for t in self.tasks if t.kind in EMBEDDING_KINDS]
+
+
+DEFAULT_SUITE = "default"
+
+
+def load_suite(path: str | Path | None) -> Suite:
+    """A suite from a YAML file; ``None`` gives the default suite (``configs/compare/default.yaml``'s tasks)."""
+    if path is None:
+        raw = {"name": DEFAULT_SUITE, "tasks": default_tasks()}
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise BidirLMError(f"compare config '{path}' does not exist; expected a YAML file (see configs/compare/)")
+        raw = yaml.safe_load(path.read_text()) or {}
+        raw.setdefault("name", path.stem)
+    allowed = {f.name for f in fields(Suite)}
+    if set(raw) - allowed:
+        raise BidirLMError(f"compare config: unknown keys {sorted(set(raw) - allowed)}; expected {sorted(allowed)}")
+    task_keys = {f.name for f in fields(TaskSpec)}
+    tasks = []
+    for i, entry in enumerate(raw.get("tasks") or []):
+        if not isinstance(entry, dict) or "name" not in entry or "kind" not in entry:
+            raise BidirLMError(f"compare config: task {i} needs a 'name' and a 'kind', got {entry!r}")
+        if set(entry) - task_keys:
+            raise BidirLMError(f"compare config: task '{entry['name']}' has unknown keys "
+                               f"{sorted(set(entry) - task_keys)}; expected {sorted(task_keys)}")
+        tasks.append(TaskSpec(**entry))
+    if not tasks:
+        raise BidirLMError("compare config lists no tasks")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise BidirLMError(f"compare config repeats a task name: {names}")
+    return Suite(tasks=tasks, **{k: v for k, v in raw.items() if k not in ("tasks",)})
+
+
+def default_tasks() -> list[dict]:
+    return [
+        {"name": "lee-perplexity", "kind": "perplexity"},
+        {"name": "continuation", "kind": "continuation"},
+        {"name": "capitals", "kind": "multiple_choice"},
+        {"name": "lee-sts", "kind": "sts"},
+        {"name": "newsgroup-retrieval", "kind": "retrieval"},
+        {"name": "polarity", "kind": "classification", "data": "polarity"},
+        {"name": "newsgroup-topics", "kind": "classification", "data": "newsgroups"},
+        {"name": "newsgroup-clusters", "kind": "clustering"},
+        {"name": "dependence", "kind": "dependence", "limit": 20},
+    ]
+
+
+@dataclass
+class ModelSpec:
+    path: str
+    name: str
+    attention: str = "bidirectional"  # embedding (and dependence) attention
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise BidirLMError(f"model '{self.name}': attention '{self.attention}'; expected one of {list(ATTENTIONS)}")
+
+
+@dataclass
+class ModelResult:
+    name: str
+    path: str
+    attention: str
+    results: dict[str, dict] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def main(self, task: TaskSpec):
+        return self.results.get(task.name, {}).get(MAIN_METRIC.get(task.kind, ""))
+
+    def mean_embedding_score(self, suite: Suite) -> float | None:
+        values = [self.main(t) for t in suite.embedding_tasks]
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+
+class Embedder:
+    """Mean-pooled embeddings of one model; each distinct text is encoded once per model (tasks share texts)."""
+
+    def __init__(self, model, tokenizer, *, causal: bool, batch_size: int):
+        self.model, self.tokenizer, self.causal, self.batch_size = model, tokenizer, causal, batch_size
+        self.cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def __call__(self, texts: list[str], max_length: int) -> np.ndarray:
+        from bidirlm_pl.evaluation.embedding import embed_texts
+
+        todo = list(dict.fromkeys(t for t in texts if (t, max_length) not in self.cache))
+        todo.sort(key=len, reverse=True)  # batches of similar lengths: little padding
+        if todo:
+            vectors = embed_texts(self.model, self.tokenizer, todo, causal=self.causal, max_length=max_length,
+                                  batch_size=self.batch_size).numpy()
+            self.cache.update({(t, max_length): v for t, v in zip(todo, vectors)})
+        return np.stack([self.cache[(t, max_length)] for t in texts])
+
+
+def run_task(task: TaskSpec, model, tokenizer, embed: Embedder, *, max_length: int, batch_size: int,
+             bidirectional: bool) -> dict:
+    """One task on one loaded model (the caller sets UBMoE modes); returns its metrics."""
+    from bidirlm_pl.evaluation import metrics
+    from bidirlm_pl.evaluation.embedding import spearman
+
+    if task.kind == "continuation":
+        from bidirlm_pl.evaluation.generation import continuation
+
+        return {"texts": [continuation(model, tokenizer, p, task.max_new_tokens) for p in task.prompts],
+                "prompts": task.prompts}
+    records = task.records()
+    if task.kind == "perplexity":
+        from bidirlm_pl.evaluation.generation import causal_perplexity
+
+        ppl = causal_perplexity(model, tokenizer, [r["text"] for r in records], max_length=max_length,
+                                batch_size=max(1, batch_size // 4))
+        return {"perplexity": ppl}
+    if task.kind == "multiple_choice":
+        from bidirlm_pl.evaluation.generation import multiple_choice_accuracy
+
+        return {"accuracy": multiple_choice_accuracy(model, tokenizer, records)}
+    if task.kind == "dependence":
+        from bidirlm_pl.evaluation.dependence import dependence
+
+        report = dependence(model, tokenizer, [r["text"] for r in records], max_length=max_length,
+                            bidirectional=bidirectional, progress=False)
+        before, main, after = report.overall
+        return {"dp_before": before, "dp_main": main, "dp_after": after}
+    if task.kind == "sts":
+        a = embed([r["text1"] for r in records], max_length)
+        b = embed([r["text2"] for r in records], max_length)
+        cos = np.sum(_unit(a) * _unit(b), axis=1)
+        return {"spearman": spearman(cos, [float(r["score"]) for r in records])}
+    if task.kind == "retrieval":
+        queries = list(dict.fromkeys(r["query"] for r in records))
+        documents = list(dict.fromkeys(r["document"] for r in records))
+        relevant = np.zeros((len(queries), len(documents)), dtype=bool)
+        q_index, d_index = {q: i for i, q in enumerate(queries)}, {d: i for i, d in enumerate(documents)}
+        for r in records:
+            relevant[q_index[r["query"]], d_index[r["document"]]] = True
+        scores = metrics.cosine_matrix(embed(queries, max_length), embed(documents, max_length))
+        return metrics.retrieval_scores(scores, relevant) | {"queries": len(queries), "documents": len(documents)}
+    labels = [str(r["label"]) for r in records]
+    if len(set(labels)) < 2:
+        raise BidirLMError(f"task '{task.name}': {task.source} has one label only; {task.kind} needs two or more")
+    vectors = embed([r["text"] for r in records], max_length)
+    if task.kind == "classification":
+        folds = min(5, min(labels.count(x) for x in set(labels)))
+        if folds < 2:
+            raise BidirLMError(f"task '{task.name}': a label of {task.source} has one record; "
+                               "cross-validation needs two or more per label")
+        return {"accuracy": metrics.probe_accuracy(vectors, labels, folds=folds), "folds": folds}
+    return {"v_measure": metrics.cluster_v_measure(vectors, labels)}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def evaluate(spec: ModelSpec, suite: Suite, *, progress: bool = True) -> ModelResult:
+    """Every task of ``suite`` on one model folder (plain, merged, UBMoE, ``FOLDER@ROUTING``)."""
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    from bidirlm_pl import attention as attn
+    from bidirlm_pl.evaluation.compare import load_any
+    from bidirlm_pl.moe.convert import is_ubmoe
+    from bidirlm_pl.moe.modes import mode
+
+    model, tokenizer = load_any(spec.path)
+    model.eval()
+    bidirectional = spec.attention == "bidirectional"
+    ubmoe = is_ubmoe(model)
+    embed = Embedder(model, tokenizer, causal=not bidirectional, batch_size=suite.batch_size)
+    result = ModelResult(spec.name, spec.path, spec.attention)
+    bar = tqdm(suite.tasks, desc=spec.name, unit="task", disable=not progress)
+    for task in bar:
+        bar.set_postfix_str(task.name)
+        start = time.time()
+        generation = task.kind in GENERATION_KINDS
+        routing = "generate" if generation or not bidirectional else "embed"
+        with mode(model, routing) if ubmoe else nullcontext():
+            was = attn.is_bidirectional(model)
+            try:
+                result.results[task.name] = run_task(
+                    task, model, tokenizer, embed, max_length=task.max_length or suite.max_length,
+                    batch_size=suite.batch_size, bidirectional=bidirectional and not generation)
+            finally:
+                attn.set_bidirectional(model, was)
+        result.seconds[task.name] = round(time.time() - start, 2)
+    return result
+
+
+def check_data(suite: Suite) -> None:
+    """Read every task's data once, so a bad file fails before any slow model work."""
+    for task in suite.tasks:
+        if task.kind != "continuation":
+            task.records()

@@ -1,0 +1,171 @@
+"""Evaluation data: local JSONL files, or offline defaults shipped by the ``gensim`` wheel (the demo extra).
+
+Each task kind reads one record shape (one JSON object per line):
+
+=================  ===============================================  ==========================================
+kind               record                                           built-in data (offline)
+=================  ===============================================  ==========================================
+perplexity         ``{"text": str}``                                ``lee``: the 50 rated Lee news documents
+dependence         ``{"text": str}``                                ``lee``
+multiple_choice    ``{"context": str, "choices": [str], "answer": int}``  ``capitals``: "Athens is the capital of" -> Greece
+sts                ``{"text1": str, "text2": str, "score": float}``  ``lee-sts``: 1,225 Lee pairs, human ratings
+retrieval          ``{"query": str, "document": str}``              ``newsgroup-subjects``: subject -> post body
+classification     ``{"text": str, "label": str|int}``              ``polarity`` (200 film reviews), ``newsgroups``
+clustering         ``{"text": str, "label": str|int}``              ``newsgroups``: 200 posts, atheism vs space
+=================  ===============================================  ==========================================
+
+Retrieval lines with the same query are one query with several relevant documents; the corpus is
+every distinct document. Nothing here downloads. The newsgroup posts come from gensim's
+``mini_newsgroup`` file, a pickled scikit-learn Bunch: it is read with :mod:`pickletools`, a
+disassembler that constructs no object and imports nothing, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+from bidirlm_pl.errors import BidirLMError
+
+MIN_POST_WORDS = 25  # shorter posts (a signature, "me too") carry no topic
+
+FIELDS = {
+    "perplexity": ("text",),
+    "dependence": ("text",),
+    "multiple_choice": ("context", "choices", "answer"),
+    "sts": ("text1", "text2", "score"),
+    "retrieval": ("query", "document"),
+    "classification": ("text", "label"),
+    "clustering": ("text", "label"),
+}
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+    """Records of a JSONL file, each checked for ``fields``; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BidirLMError(f"evaluation data '{path}' does not exist; expected a JSONL file with {list(fields)}")
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise BidirLMError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BidirLMError(f"{path}:{number}: not JSON ({err.msg})") from None
+        missing = [f for f in fields if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise BidirLMError(f"{path}:{number}: record has no {missing}; expected fields {list(fields)}")
+        records.append(record)
+    if not records:
+        raise BidirLMError(f"{path}: no records; expected JSONL lines with {list(fields)}")
+    return records
+
+
+def builtin(name: str) -> list[dict]:
+    """Records of a built-in data set (see the table above)."""
+    makers = {"lee": _lee, "lee-sts": _lee_sts, "newsgroups": _newsgroups,
+              "newsgroup-subjects": _newsgroup_subjects, "polarity": _polarity, "capitals": _capitals}
+    if name not in makers:
+        raise BidirLMError(f"unknown built-in evaluation data '{name}'; expected one of {sorted(makers)}")
+    return makers[name]()
+
+
+def builtin_names_for(kind: str) -> list[str]:
+    return {"perplexity": ["lee"], "dependence": ["lee"], "multiple_choice": ["capitals"], "sts": ["lee-sts"],
+            "retrieval": ["newsgroup-subjects"], "classification": ["polarity", "newsgroups"],
+            "clustering": ["newsgroups"]}[kind]
+
+
+def _lee() -> list[dict]:
+    from bidirlm_pl import assets
+
+    return [{"text": t} for t in assets.lee_documents()]
+
+
+def _lee_sts() -> list[dict]:
+    import numpy as np
+
+    from bidirlm_pl.evaluation.embedding import lee_pairs
+
+    docs, human = lee_pairs(50)
+    i, j = np.triu_indices(len(docs), 1)
+    return [{"text1": docs[a], "text2": docs[b], "score": float(s)} for a, b, s in zip(i, j, human)]
+
+
+def _polarity() -> list[dict]:
+    from bidirlm_pl.assets import _gensim_data
+
+    records = []
+    for line in _gensim_data("pang_lee_polarity.cor").read_text(encoding="cp1252").splitlines():
+        label, _, text = line.partition(" ")
+        if label.startswith("__label__") and text.strip():
+            records.append({"text": text.strip(), "label": label.removeprefix("__label__")})
+    neg, pos = [r for r in records if r["label"] == "neg"], [r for r in records if r["label"] == "pos"]
+    return [r for pair in zip(neg, pos) for r in pair]  # alternating: any prefix (``limit``) stays balanced
+
+
+@lru_cache(maxsize=1)
+def _newsgroup_posts() -> tuple[tuple[str, str, str], ...]:
+    """(group, subject, body) of gensim's 200 mini-newsgroup posts; quoted lines and headers dropped."""
+    import pickletools
+
+    from bidirlm_pl.assets import _gensim_data
+
+    raw = zlib.decompress(_gensim_data("mini_newsgroup").read_bytes())
+    texts = [arg for op, arg, _ in pickletools.genops(raw) if op.name == "UNICODE"]
+    posts = []
+    for text in texts:
+        head, _, body = text.partition("\n\n")
+        headers = dict(line.split(": ", 1) for line in head.splitlines() if ": " in line)
+        groups = headers.get("Newsgroups", "")
+        group = next((g for g in ("alt.atheism", "sci.space") if g in groups), None)
+        lines = [line for line in body.splitlines()
+                 if not line.lstrip().startswith((">", "|", ":", "In article"))
+                 and not re.search(r"(writes|wrote):\s*$", line)]
+        body = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+        subject = re.sub(r"^(re:\s*)+", "", headers.get("Subject", ""), flags=re.I).strip()
+        if group and subject and len(body.split()) >= MIN_POST_WORDS:
+            posts.append((group, subject, body))
+    return tuple(posts)
+
+
+def _newsgroups() -> list[dict]:
+    return [{"text": body, "label": group} for group, _, body in _newsgroup_posts()]
+
+
+def _newsgroup_subjects() -> list[dict]:
+    return [{"query": subject, "document": body} for _, subject, body in _newsgroup_posts()]
+
+
+def _capitals() -> list[dict]:
+    """Cloze by log-likelihood: "<capital> is the capital of" -> the country among four (gensim's analogy file)."""
+    import random
+
+    from bidirlm_pl.assets import _gensim_data
+
+    pairs, section = {}, None
+    for line in _gensim_data("questions-words.txt").read_text(encoding="utf-8").splitlines():
+        if line.startswith(":"):
+            section = line[1:].strip()
+            continue
+        if section in ("capital-common-countries", "capital-world"):
+            a, b, c, d = line.split()
+            pairs[a], pairs[c] = b, d
+    countries = sorted(set(pairs.values()))
+    rng = random.Random(0)
+    records = []
+    for capital in sorted(pairs):
+        country = pairs[capital]
+        choices = rng.sample([c for c in countries if c != country], 3) + [country]
+        rng.shuffle(choices)
+        records.append({"context": f"{capital} is the capital of", "choices": [" " + c for c in choices],
+                        "answer": choices.index(country)})
+    return records
