@@ -44,7 +44,7 @@ def test_v_measure_equals_the_hand_computed_entropies():
     b = np.array([[0.0, 1.0]] * 4) + 0.01 * np.arange(4)[:, None]
     labels = ["x"] * 4 + ["x", "x", "y", "y"]
     # clusters K = {A, B}; classes C = {x: 6, y: 2}
-    H = lambda ps: -sum(p * math.log(p) for p in ps if p > 0)  # noqa: E731
+    H = lambda ps: -sum(p * math.log(p) for p in ps if p > 0)
     h_c = H([6 / 8, 2 / 8])
     h_c_given_k = 0.5 * 0 + 0.5 * H([0.5, 0.5])
     h_k = H([0.5, 0.5])

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bidirlm_pl.data import sources as text_sources
@@ -158,6 +159,21 @@ def check_row(src: PairSource, index: int, row: dict) -> dict:
     return out
 
 
+RAW_TEXT_ONLY = {"text_field", "text_unit"}
+PAIRS_ONLY = {"anchor_field", "positive_field", "negatives_field", "num_negatives", "fixed_negatives"}
+
+
+def check_mode_fields(src: PairSource) -> None:
+    """A one-line error when a source sets fields its ``mode`` does not read."""
+    given = text_sources.given_fields(src)
+    wrong = sorted((RAW_TEXT_ONLY if src.mode == "pairs" else PAIRS_ONLY) & set(given))
+    if wrong:
+        reads = "anchor/positive/negatives columns" if src.mode == "pairs" else "raw text (text_field, text_unit)"
+        shown = ", ".join(f"{k}={given[k]!r}" for k in wrong)
+        raise BidirLMError(f"source '{src.name}': mode '{src.mode}' reads {reads} and takes no {wrong} "
+                           f"(given {shown}); on the command line give each source's 'mode' too")
+
+
 def load_rows(src: PairSource) -> list[dict]:
     """All rows of a source, validated: ``[{"anchor", "positive", "negatives"}]``."""
     if src.mode not in MODES:
@@ -166,6 +182,7 @@ def load_rows(src: PairSource) -> list[dict]:
         raise BidirLMError(f"source '{src.name}': weight {src.weight} must be > 0")
     if src.num_negatives < 0:
         raise BidirLMError(f"source '{src.name}': num_negatives {src.num_negatives} must be >= 0")
+    check_mode_fields(src)
     rows: list[dict] = []
     if src.mode == "pairs":
         table = _pair_table(src)
@@ -327,6 +344,9 @@ class PairsDataModule(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.sources = [PairSource(**s) if isinstance(s, dict) else s for s in sources]
         self.val_sources = [PairSource(**s) if isinstance(s, dict) else s for s in (val_sources or [])]
+        for src in self.sources + self.val_sources:  # contradictory fields fail before any model or data loads
+            check_mode_fields(src)
+            text_sources.resolve_kind(_text_spec(src))
         self.batch_size, self.max_length = batch_size, max_length
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
         self.train_rows = self.val_rows = None
@@ -348,7 +368,7 @@ class PairsDataModule(L.LightningDataModule):
         if self.train_rows is not None:
             return
         self.collator = PairCollator(self._tokenizer(), self.max_length)
-        self.train_rows, self.val_rows = [], []
+        self.train_rows, self.val_rows, self._held_out = [], [], []
         for src in self.sources:
             rows = load_rows(src)
             n_val = int(len(rows) * self.val_fraction) if not self.val_sources else 0
@@ -357,10 +377,22 @@ class PairsDataModule(L.LightningDataModule):
                 order = list(range(len(rows)))
                 rng.shuffle(order)
                 self.val_rows.append([rows[i] for i in order[:n_val]])
+                self._held_out.append(src)
                 rows = [rows[i] for i in order[n_val:]]
             self.train_rows.append(rows)
         if self.val_sources:
             self.val_rows = [load_rows(src) for src in self.val_sources]
+        self._report_sources()
+
+    def _report_sources(self) -> None:
+        """One line per source at start: its mode, resolved kind, where rows come from and how many."""
+        val_specs = self.val_sources or self._held_out
+        for role, specs, tables in (("train", self.sources, self.train_rows), ("validation", val_specs, self.val_rows)):
+            for src, rows in zip(specs, tables):
+                kind = text_sources.resolve_kind(_text_spec(src))
+                where = src.path or src.dataset or "built-in"
+                rank_zero_info(f"data: {role} source '{src.name}': mode {src.mode}, kind {kind}, {where}, "
+                               f"{len(rows)} rows")
 
     def _rank(self):
         trainer = getattr(self, "trainer", None)

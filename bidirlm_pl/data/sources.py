@@ -113,12 +113,63 @@ def _as_text(value) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
+# The fields each kind reads (besides name, kind, weight); any other field set away from its default
+# contradicts the kind, e.g. a command-line list merged item by item into a config's ``kind: lee``.
+KIND_FIELDS = {
+    "lee": set(), "lee_documents": set(),
+    "text": {"path", "text_unit"},
+    "jsonl": {"path", "text_field", "streaming"}, "parquet": {"path", "text_field", "streaming"},
+    "disk": {"path", "text_field", "split"},
+    "hf": {"dataset", "config", "data_files", "text_field", "split", "streaming"},
+}
+
+
+def given_fields(spec) -> dict:
+    """The dataclass fields of ``spec`` whose values differ from their defaults."""
+    from dataclasses import MISSING, fields
+
+    out = {}
+    for f in fields(spec):
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else MISSING)
+        value = getattr(spec, f.name)
+        if default is MISSING or value != default:
+            out[f.name] = value
+    return out
+
+
+def check_contradictions(spec: SourceSpec, kind: str, *, where: str | None = None) -> None:
+    """A one-line error when ``spec`` sets fields its ``kind`` does not read."""
+    extra = {k: v for k, v in given_fields(spec).items()
+             if k not in KIND_FIELDS[kind] | {"name", "kind", "weight"}}
+    if extra:
+        shown = ", ".join(f"{k}={v!r}" for k, v in extra.items())
+        raise BidirLMError(
+            f"{where or f'source {spec.name!r}'}: kind '{kind}' takes no {sorted(extra)} (given {shown}); "
+            f"it reads {sorted(KIND_FIELDS[kind]) or 'nothing but its name'}. On the command line a list of "
+            "sources is merged into the config's item by item: give each source's 'kind' too, or "
+            "write the list in a YAML file (README: 'Replacing a list from the command line')"
+        )
+
+
 def resolve_kind(spec: SourceSpec) -> str:
-    """The concrete kind of a spec (``auto`` inferred from the path), or a one-line error."""
+    """The concrete kind of a spec (``auto`` inferred from the path), or a one-line error.
+
+    Fields the kind does not read are a contradiction and an error too.
+    """
+    kind = _resolve_kind(spec)
+    check_contradictions(spec, kind)
+    return kind
+
+
+def _resolve_kind(spec: SourceSpec) -> str:
     if spec.kind not in KINDS:
         raise BidirLMError(f"source '{spec.name}': kind '{spec.kind}' is not one of {list(KINDS)}")
     if spec.kind != "auto":
         return spec.kind
+    if spec.dataset is not None and spec.path is not None:
+        raise BidirLMError(f"source '{spec.name}' sets both path '{spec.path}' and dataset '{spec.dataset}'; "
+                           "keep one (a path reads local files, a dataset means kind: hf)")
     if spec.dataset is not None:
         return "hf"
     if spec.path is None:
@@ -236,6 +287,23 @@ def open_source(spec: SourceSpec) -> TextSource:
         raise BidirLMError(f"source '{spec.name}': cannot load dataset '{spec.dataset}': "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     return _from_datasets(spec, loaded)
+
+
+def describe_source(source: TextSource) -> str:
+    """One line for the start-of-run log: name, resolved kind, where it reads from and how many documents."""
+    spec = source.spec
+    kind = resolve_kind(spec)
+    if kind in ("lee", "lee_documents"):
+        where = "gensim " + ("lee_background.cor" if kind == "lee" else "lee.cor")
+    elif kind == "hf":
+        where = f"dataset {spec.dataset}" + (f" ({spec.config})" if spec.config else "") + f", split {spec.split}"
+    elif kind == "disk":
+        where = str(spec.path)
+    else:
+        files = _files(spec, kind)
+        where = ", ".join(files[:3]) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
+    count = f"{len(source.docs)} documents" if source.docs is not None else "streaming"
+    return f"source '{spec.name}': kind {kind}, {where}, {count}, weight {spec.weight}"
 
 
 def load_texts(spec: SourceSpec | dict) -> Iterable[str]:

@@ -29,12 +29,20 @@ from collections.abc import Iterator
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
 from bidirlm_pl.data.masking import Masker, MaskSpec, replacement_ids, resolve_mask_token, special_token_ids
 from bidirlm_pl.data.mixture import Mixture, normalised_weights
 from bidirlm_pl.data.packing import PackedRow, Packer, collate_rows
-from bidirlm_pl.data.sources import SourceSpec, TextSource, first_documents, open_source
+from bidirlm_pl.data.sources import (
+    SourceSpec,
+    TextSource,
+    describe_source,
+    first_documents,
+    open_source,
+    resolve_kind,
+)
 from bidirlm_pl.errors import BidirLMError
 
 STATE_KEY = "_stream_state"
@@ -109,6 +117,8 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.source_specs = [SourceSpec(**s) if isinstance(s, dict) else s for s in (sources or [])]
         self.val_specs = [SourceSpec(**s) if isinstance(s, dict) else s for s in (val_sources or [])]
+        for spec in self.source_specs + self.val_specs:
+            resolve_kind(spec)  # contradictory fields fail here, before any model or data loads
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
         self.val_fraction = float(val_fraction)
@@ -201,6 +211,9 @@ class TextDataModule(L.LightningDataModule):
             source = open_source(spec)
             self._check_source(source)
             val.append(source)
+        for role, sources in (("train", train), ("validation", val)):
+            for source in sources:
+                rank_zero_info(f"data: {role} {describe_source(source)}")
         return train, val
 
     def _check_source(self, source: TextSource) -> None:

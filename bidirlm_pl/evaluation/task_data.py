@@ -131,7 +131,7 @@ def _newsgroup_posts() -> tuple[tuple[str, str, str], ...]:
                  if not line.lstrip().startswith((">", "|", ":", "In article"))
                  and not re.search(r"(writes|wrote):\s*$", line)]
         body = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-        subject = re.sub(r"^(re:\s*)+", "", headers.get("Subject", ""), flags=re.I).strip()
+        subject = re.sub(r"^(re:\s*)+", "", headers.get("Subject", ""), flags=re.IGNORECASE).strip()
         if group and subject and len(body.split()) >= MIN_POST_WORDS:
             posts.append((group, subject, body))
     return tuple(posts)
