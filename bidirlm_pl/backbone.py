@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from bidirlm_pl import attention
 from bidirlm_pl.errors import BidirLMError, require
+from bidirlm_pl.model_files import check_config, check_tokenizer, check_weights
 from bidirlm_pl.varlen import KERNELS, VARLEN_PREFIX, kernel_backend
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "gemma3_text", "gemma3", "llama")
@@ -94,6 +95,8 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         )
     if not (path / "config.json").exists():
         raise BidirLMError(f"model folder '{path}' has no config.json; expected a Hugging Face model folder")
+    check_config(path)
+    check_weights(path)
     return path
 
 
@@ -153,6 +156,7 @@ def load_backbone(
         path, dtype=resolve_dtype(dtype), attn_implementation=backend, trust_remote_code=trust_remote_code
     )
     attention.set_bidirectional(model, bidirectional)
+    check_tokenizer(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

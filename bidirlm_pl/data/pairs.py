@@ -108,6 +108,9 @@ def _pair_table(src: PairSource):
     try:
         if kind in ("jsonl", "parquet"):
             files = text_sources._files(spec, kind)
+            if kind == "jsonl":
+                for f in files:
+                    text_sources.scan_jsonl(f, src.anchor_field)
             table = datasets.load_dataset("json" if kind == "jsonl" else "parquet", data_files=files, split="train")
         elif kind == "disk":
             table = datasets.load_from_disk(str(src.path))
@@ -390,7 +393,7 @@ class PairsDataModule(L.LightningDataModule):
         for role, specs, tables in (("train", self.sources, self.train_rows), ("validation", val_specs, self.val_rows)):
             for src, rows in zip(specs, tables):
                 kind = text_sources.resolve_kind(_text_spec(src))
-                where = src.path or src.dataset or "built-in"
+                where = src.path or src.dataset or ("gensim lee_background.cor" if kind == "lee" else "gensim lee.cor")
                 rank_zero_info(f"data: {role} source '{src.name}': mode {src.mode}, kind {kind}, {where}, "
                                f"{len(rows)} rows")
 

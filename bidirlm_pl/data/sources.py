@@ -29,6 +29,7 @@ iteration, so the mixture resumes it by skipping the documents it has already co
 from __future__ import annotations
 
 import glob
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,8 +211,17 @@ def _files(spec: SourceSpec, kind: str) -> list[str]:
     return files
 
 
+def _utf8_error(path: str, raw: bytes, err: UnicodeDecodeError) -> BidirLMError:
+    line = raw.count(b"\n", 0, err.start) + 1
+    return BidirLMError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); re-encode the file as UTF-8")
+
+
 def _read_text_file(path: str, unit: str) -> list[str]:
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _utf8_error(path, raw, err) from None
     if unit == "file":
         return [text]
     if unit == "paragraph":
@@ -249,6 +259,36 @@ def _from_datasets(spec: SourceSpec, dataset) -> TextSource:
     return TextSource(spec, iterate=iterate)
 
 
+SCAN_LINES = 1000  # lines of a streaming JSONL file checked before training (all lines otherwise)
+
+
+def scan_jsonl(path: str, text_field: str, max_lines: int | None = None) -> None:
+    """One line naming the file and line of the first record that is not UTF-8, not JSON or has no text field."""
+    count = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if max_lines is not None and number > max_lines:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise BidirLMError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                                   "re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise BidirLMError(f"{path}:{number}: not JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise BidirLMError(f"{path}:{number}: record has no text field '{text_field}' (has {keys}); "
+                                   "set text_field to the right key")
+            count += 1
+    if count == 0:
+        raise BidirLMError(f"{path} is empty; expected JSONL lines with a '{text_field}' field")
+
+
 def open_source(spec: SourceSpec) -> TextSource:
     """Open a source; raise a one-line :class:`BidirLMError` when it does not exist or is malformed."""
     kind = resolve_kind(spec)
@@ -265,6 +305,9 @@ def open_source(spec: SourceSpec) -> TextSource:
 
     if kind in ("jsonl", "parquet"):
         files = _files(spec, kind)
+        if kind == "jsonl":
+            for f in files:
+                scan_jsonl(f, spec.text_field, max_lines=SCAN_LINES if spec.streaming else None)
         builder = "json" if kind == "jsonl" else "parquet"
         try:
             loaded = datasets.load_dataset(builder, data_files=files, split="train", streaming=spec.streaming)
