@@ -225,6 +225,14 @@ class BackboneStage(L.LightningModule):
                       batch_size=self.batch_size_of(batch))
         return out["loss"]
 
+    def configure_callbacks(self):
+        """Every stage stops on a NaN/inf loss before the update, unless the config sets its own guard."""
+        from bidirlm_pl.callbacks.nonfinite import NonFiniteGuard
+
+        if self._trainer is not None and any(isinstance(c, NonFiniteGuard) for c in self.trainer.callbacks):
+            return []
+        return [NonFiniteGuard()]
+
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
