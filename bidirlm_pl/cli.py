@@ -7,6 +7,7 @@ Tool subcommands live in their own modules, each exposing ``add_arguments(parser
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -131,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileNotFoundError as err:
         print(f"bidirlm: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {err.filename}" if err.filename else ""
+        print(f"bidirlm: error: the disk is full ({err.strerror or 'No space left on device'}){where}; "
+              "the partial output was removed and earlier outputs are untouched: free space and rerun",
+              file=sys.stderr)
         return 2
     except ValueError as err:  # jsonargparse wraps errors raised while instantiating a config's classes
         cause = _bidirlm_cause(err)

@@ -24,6 +24,8 @@ def atomic_folder(target: str | Path, *, overwrite: bool = False):
     if target.exists() and not overwrite:
         raise BidirLMError(f"output folder '{target}' already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed writer: never a complete output
+        shutil.rmtree(stale, ignore_errors=True)
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
