@@ -21,6 +21,7 @@ previous one stopped.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,12 @@ def _substitute(value: str, outputs: dict[str, str]) -> str:
     return re.sub(r"\$\{([^}]+)\}", repl, value)
 
 
+def latest_checkpoint(logs: Path) -> Path | None:
+    """The newest Lightning checkpoint a half-finished fit stage left under its logs folder."""
+    found = [p for p in logs.glob("**/*.ckpt") if p.is_file()] if logs.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 def run_stage(stage: Stage, out: Path, outputs: dict[str, str]) -> None:
     from bidirlm_pl import cli
 
@@ -87,6 +94,10 @@ def run_stage(stage: Stage, out: Path, outputs: dict[str, str]) -> None:
     if stage.model is not None:
         argv += ["--model.init_args.backbone.model", _substitute(stage.model, scope)]
     argv += [_substitute(str(a), scope) for a in stage.args]
+    checkpoint = latest_checkpoint(out.parent / "logs")
+    if checkpoint is not None and "--ckpt_path" not in argv:
+        print(f"[{stage.name}] resuming from {checkpoint} (a previous run stopped before the end)", flush=True)
+        argv += ["--ckpt_path", str(checkpoint)]
     cli.run_lightning(argv, export_dir=str(out))
 
 
@@ -100,6 +111,8 @@ def run_recipe(path: str | Path, *, output_dir: str | None = None, force: bool =
         if done.exists() and not force:
             print(f"[{stage.name}] finished earlier: {out}")
         else:
+            if force and stage.fit is not None and (out.parent / "logs").exists():
+                shutil.rmtree(out.parent / "logs")  # --force starts the stage over, not from its checkpoint
             print(f"[{stage.name}] running -> {out}")
             start = time.time()
             run_stage(stage, out, outputs)

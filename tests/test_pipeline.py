@@ -115,3 +115,36 @@ def test_tiny_ablation_recipe_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert all(m["mean_embedding_score"] is not None for m in report["models"])
     assert (report_dir / "report.png").stat().st_size > 1000
     assert "| bi+mntp+merge+con | bidirectional |" in (report_dir / "report.md").read_text()
+
+
+def test_run_resumes_a_killed_fit_stage_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A stage that died at step 5 (checkpoints every 2 steps) resumes at step 4 and loses at most one step."""
+    from bidirlm_pl.stages.mntp import MNTPStage
+
+    monkeypatch.chdir(tmp_path)
+    every_2 = ('{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+               '"init_args": {"every_n_train_steps": 2, "save_top_k": -1}}')
+    recipe = {"output_dir": str(tmp_path / "out"), "stages": [{
+        "name": "mntp", "fit": str(REPO / "configs/mntp/tiny.yaml"),
+        "args": ["--trainer.max_steps=6", "--trainer.limit_val_batches=0", f"--trainer.callbacks+={every_2}"]}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    original, steps = MNTPStage.step, []
+
+    def dies_at_5(self, batch):
+        if self.training and self.trainer.global_step == 5:
+            raise RuntimeError("killed")
+        steps.append(self.trainer.global_step)
+        return original(self, batch)
+
+    monkeypatch.setattr(MNTPStage, "step", dies_at_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_recipe(path)
+    assert steps == [0, 1, 2, 3, 4]
+    steps.clear()
+    monkeypatch.setattr(MNTPStage, "step", lambda self, batch: steps.append(self.trainer.global_step)
+                        or original(self, batch))
+    outputs = run_recipe(path)
+    assert "resuming from" in capsys.readouterr().out
+    assert steps == [4, 5]                      # steps 0-3 were kept; only step 4 (after the last checkpoint) reran
+    assert (Path(outputs["mntp"]) / "DONE").exists()
