@@ -58,7 +58,9 @@ def test_lora_fit_merges_adapters_on_export(tmp_path, monkeypatch, tiny_qwen3):
     (["--data.init_args.max_length", "4096"], "max_length 4096 exceeds the model's limit 256"),
     (["--data.init_args.sources", "null", "--data.init_args.sources", "[{name: x, path: /nonexistent/x.txt}]"],
      "path '/nonexistent/x.txt' does not"),
-    (["--data.init_args.sources", "[{name: x, path: /nonexistent/x.txt}]"], "source 'x': kind 'lee' takes no ['path']"),
+    # same length as the config's list: jsonargparse merges item by item, so x inherits kind: lee
+    (["--data.init_args.sources", "[{name: x, path: /nonexistent/x.txt}, {name: y, path: /nonexistent/y.txt}]"],
+     "source 'x': kind 'lee' takes no ['path']"),
     (["--data.init_args.sources", "[{name: x, kind: lee, weight: -1}]"], "mixture weight of source 'x' is -1.0"),
     (["--model.init_args.loss_chunk_size", "0"], "loss_chunk_size 0 must be a positive"),
 ])
