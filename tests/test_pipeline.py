@@ -103,8 +103,7 @@ def test_tiny_ablation_recipe_writes_table_json_and_plot(tmp_path, monkeypatch):
     report_dir = Path(outputs["compare"])
     report = json.loads((report_dir / "report.json").read_text())
     names = [m["name"] for m in report["models"]]
-    assert names == ["base", "bi+base", "bi+mntp", "bi+mntp+merge", "bi+con", "bi+con+merge", "bi+mntp+con",
-                     "bi+mntp+merge+con"]
+    assert names == ["base", "bi+base", "bi+mntp", "bi+mntp+merge", "bi+con", "bi+mntp+con", "bi+mntp+merge+con"]
     dependence = json.loads((Path(outputs["compare-dependence"]) / "report.json").read_text())
     assert [m["name"] for m in dependence["models"]][-2:] == ["mntp-attn-only", "mntp-ffn-only"]
     rows = {m["name"]: m for m in report["models"]}
