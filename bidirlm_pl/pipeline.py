@@ -80,12 +80,30 @@ def latest_checkpoint(logs: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+WRITE_OPTIONS = ("--output", "default_root_dir", "dirpath", "save_dir")
+
+
+def check_writes_inside(stage: Stage, argv: list[str], root: Path) -> None:
+    """A recipe writes only under its output folder: every output-like option must point inside ``root``."""
+    root = root.resolve()
+    for i, arg in enumerate(argv):
+        key, eq, value = arg.partition("=")
+        if not any(key.endswith(option) for option in WRITE_OPTIONS):
+            continue
+        target = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        resolved = Path(target).expanduser().resolve()
+        if target and resolved != root and root not in resolved.parents:
+            raise BidirLMError(f"stage '{stage.name}' writes to '{resolved}' ({key}), outside the recipe's output "
+                               f"folder '{root}'; use ${{out}} or a path under the output folder")
+
+
 def run_stage(stage: Stage, out: Path, outputs: dict[str, str]) -> None:
     from bidirlm_pl import cli
 
     scope = {**outputs, "out": str(out)}
     if stage.command is not None:
         argv = [_substitute(str(a), scope) for a in stage.command]
+        check_writes_inside(stage, argv, out.parent.parent)
         code = cli.main(argv)
         if code:
             raise BidirLMError(f"stage '{stage.name}' failed: bidirlm {' '.join(argv)} exited {code}")
@@ -94,6 +112,7 @@ def run_stage(stage: Stage, out: Path, outputs: dict[str, str]) -> None:
     if stage.model is not None:
         argv += ["--model.init_args.backbone.model", _substitute(stage.model, scope)]
     argv += [_substitute(str(a), scope) for a in stage.args]
+    check_writes_inside(stage, argv, out.parent.parent)
     checkpoint = latest_checkpoint(out.parent / "logs")
     if checkpoint is not None and "--ckpt_path" not in argv:
         print(f"[{stage.name}] resuming from {checkpoint} (a previous run stopped before the end)", flush=True)

@@ -147,3 +147,15 @@ def test_run_resumes_a_killed_fit_stage_from_its_last_checkpoint(tmp_path, monke
     assert "resuming from" in capsys.readouterr().out
     assert steps == [4, 5]                      # steps 0-3 were kept; only step 4 (after the last checkpoint) reran
     assert (Path(outputs["mntp"]) / "DONE").exists()
+
+
+@pytest.mark.parametrize("stage", [
+    {"name": "m", "command": ["merge", "--models", "tiny-qwen3", "--weights", "1", "--output", "/tmp/elsewhere"]},
+    {"name": "f", "fit": "configs/mntp/tiny.yaml", "args": ["--trainer.default_root_dir=../../outside"]},
+])
+def test_a_recipe_cannot_write_outside_its_output_folder(stage, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [stage]}))
+    with pytest.raises(BidirLMError, match=r"writes to '.*' .*outside the recipe's output folder"):
+        run_recipe(path)
+    assert not Path("/tmp/elsewhere").exists()
