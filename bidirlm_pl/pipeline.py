@@ -75,9 +75,19 @@ def _substitute(value: str, outputs: dict[str, str]) -> str:
 
 
 def latest_checkpoint(logs: Path) -> Path | None:
-    """The newest Lightning checkpoint a half-finished fit stage left under its logs folder."""
+    """The newest complete Lightning checkpoint a half-finished fit stage left under its logs folder.
+
+    A checkpoint cut short by a kill during its write is not a complete zip archive: it is skipped
+    (and reported) in favour of the one before it.
+    """
+    import zipfile
+
     found = [p for p in logs.glob("**/*.ckpt") if p.is_file()] if logs.is_dir() else []
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        if zipfile.is_zipfile(path):
+            return path
+        print(f"skipping the incomplete checkpoint {path} (its write was interrupted)", flush=True)
+    return None
 
 
 WRITE_OPTIONS = ("--output", "default_root_dir", "dirpath", "save_dir")

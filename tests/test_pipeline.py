@@ -116,7 +116,8 @@ def test_tiny_ablation_recipe_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert "| bi+mntp+merge+con | bidirectional |" in (report_dir / "report.md").read_text()
 
 
-def test_run_resumes_a_killed_fit_stage_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("truncate_newest", [False, True])
+def test_run_resumes_a_killed_fit_stage_from_its_last_checkpoint(tmp_path, monkeypatch, capsys, truncate_newest):
     """A stage that died at step 5 (checkpoints every 2 steps) resumes at step 4 and loses at most one step."""
     from bidirlm_pl.stages.mntp import MNTPStage
 
@@ -140,12 +141,16 @@ def test_run_resumes_a_killed_fit_stage_from_its_last_checkpoint(tmp_path, monke
     with pytest.raises(RuntimeError, match="killed"):
         run_recipe(path)
     assert steps == [0, 1, 2, 3, 4]
+    if truncate_newest:  # as if the process was killed while writing the step-4 checkpoint
+        newest = max((tmp_path / "out").glob("**/*.ckpt"), key=lambda p: p.stat().st_mtime)
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     steps.clear()
     monkeypatch.setattr(MNTPStage, "step", lambda self, batch: steps.append(self.trainer.global_step)
                         or original(self, batch))
     outputs = run_recipe(path)
     assert "resuming from" in capsys.readouterr().out
-    assert steps == [4, 5]                      # steps 0-3 were kept; only step 4 (after the last checkpoint) reran
+    # steps before the last complete checkpoint were kept; only those after it reran
+    assert steps == ([2, 3, 4, 5] if truncate_newest else [4, 5])
     assert (Path(outputs["mntp"]) / "DONE").exists()
 
 
