@@ -88,7 +88,22 @@ def spec_from_args(args: argparse.Namespace) -> MergeSpec:
     return MergeSpec(**values)
 
 
+def report_paths(spec: MergeSpec) -> None:
+    """Print every path the merge reads and writes, resolved (an asset name shows its cached folder)."""
+    from pathlib import Path
+
+    from bidirlm_pl.backbone import resolve_model_path
+
+    for i, (model, weight) in enumerate(zip(spec.models, spec.weights)):
+        print(f"model {i}: {model} -> {resolve_model_path(model).resolve()} (weight {weight})")
+    if spec.base:
+        print(f"base: {spec.base} -> {resolve_model_path(spec.base).resolve()}")
+    print(f"output: {Path(spec.output).expanduser().resolve()}", flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
-    report = merge(spec_from_args(args))
+    spec = spec_from_args(args)
+    report_paths(spec)
+    report = merge(spec)
     print(report.summary())
     return 0
