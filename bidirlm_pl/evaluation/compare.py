@@ -64,13 +64,6 @@ def _display_name(path: str) -> str:
     return f"{name}@{routing}" if routing else name
 
 
-def _display_name(path: str) -> str:
-    path, routing = split_routing(path)
-    p = Path(str(path))
-    name = p.parent.name if p.name == "hf" and p.parent.name else p.name
-    return f"{name}@{routing}" if routing else name
-
-
 def _cell(task, values: dict | None) -> str:
     if not values:
         return "-"
