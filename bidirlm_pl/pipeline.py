@@ -142,7 +142,7 @@ def run_recipe(path: str | Path, *, output_dir: str | None = None, force: bool =
         else:
             if force and stage.fit is not None and (out.parent / "logs").exists():
                 shutil.rmtree(out.parent / "logs")  # --force starts the stage over, not from its checkpoint
-            print(f"[{stage.name}] running -> {out}")
+            print(f"[{stage.name}] running -> {out.resolve()}")
             start = time.time()
             run_stage(stage, out, outputs)
             if not out.is_dir():
