@@ -14,9 +14,9 @@ def test_missing_path_is_one_clear_line(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    from transformers import GPT2Config
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)).save_pretrained(tmp_path)
     with pytest.raises(BidirLMError, match="architecture 'gpt2'.*not supported"):
         load_backbone(tmp_path)
 

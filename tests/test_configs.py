@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))
 RECIPES = [p for p in ALL_YAML if p.parent.name == "recipes"]  # `bidirlm run` recipes, not fit configs
 MERGE_SPECS = [p for p in ALL_YAML if p.parent.name == "specs"]  # `bidirlm merge` specs: test_merging_configs.py
-CONFIGS = [p for p in ALL_YAML if p not in RECIPES and p not in MERGE_SPECS]
+SUITES = [p for p in ALL_YAML if p.parent.name == "compare"]  # `bidirlm compare` suites: test_evaluation_suite.py
+CONFIGS = [p for p in ALL_YAML if p not in RECIPES and p not in MERGE_SPECS and p not in SUITES]
 
 
 def test_configs_are_shipped():

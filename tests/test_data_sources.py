@@ -77,7 +77,7 @@ def test_bad_sources_fail_with_one_line(spec, message):
 
 
 def test_missing_text_field_names_the_columns(files):
-    with pytest.raises(BidirLMError, match=r"text_field 'text' is not a column; columns are \['body', 'id'\]"):
+    with pytest.raises(BidirLMError, match=r"docs.jsonl:1: record has no text field 'text' \(has \['body', 'id'\]\)"):
         open_source(SourceSpec("j", path=str(files / "docs.jsonl")))
 
 

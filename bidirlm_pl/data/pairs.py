@@ -110,7 +110,7 @@ def _pair_table(src: PairSource):
             files = text_sources._files(spec, kind)
             if kind == "jsonl":
                 for f in files:
-                    text_sources.scan_jsonl(f, src.anchor_field)
+                    text_sources.scan_jsonl(f, None)
             table = datasets.load_dataset("json" if kind == "jsonl" else "parquet", data_files=files, split="train")
         elif kind == "disk":
             table = datasets.load_from_disk(str(src.path))

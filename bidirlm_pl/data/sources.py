@@ -262,8 +262,11 @@ def _from_datasets(spec: SourceSpec, dataset) -> TextSource:
 SCAN_LINES = 1000  # lines of a streaming JSONL file checked before training (all lines otherwise)
 
 
-def scan_jsonl(path: str, text_field: str, max_lines: int | None = None) -> None:
-    """One line naming the file and line of the first record that is not UTF-8, not JSON or has no text field."""
+def scan_jsonl(path: str, text_field: str | None, max_lines: int | None = None) -> None:
+    """One line naming the file and line of the first record that is not UTF-8, not JSON or has no text field.
+
+    ``text_field=None`` checks UTF-8 and JSON only (pair rows name their own missing columns).
+    """
     count = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
@@ -280,13 +283,13 @@ def scan_jsonl(path: str, text_field: str, max_lines: int | None = None) -> None
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise BidirLMError(f"{path}:{number}: not JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict) or text_field not in record:
+            if text_field is not None and (not isinstance(record, dict) or text_field not in record):
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise BidirLMError(f"{path}:{number}: record has no text field '{text_field}' (has {keys}); "
                                    "set text_field to the right key")
             count += 1
     if count == 0:
-        raise BidirLMError(f"{path} is empty; expected JSONL lines with a '{text_field}' field")
+        raise BidirLMError(f"{path} is empty; expected JSONL lines" + (f" with a '{text_field}' field" if text_field else ""))
 
 
 def open_source(spec: SourceSpec) -> TextSource:
