@@ -24,8 +24,9 @@ def spearman(a, b) -> float:
 
 def pairwise_cosines(embeddings_ND) -> np.ndarray:
     """Cosine similarities of the upper-triangle pairs, in ``np.triu_indices(N, 1)`` order."""
-    e = np.asarray(embeddings_ND, dtype=np.float64)
-    e = e / np.clip(np.linalg.norm(e, axis=1, keepdims=True), 1e-12, None)
+    from bidirlm_pl.evaluation.metrics import unit_rows
+
+    e = unit_rows(embeddings_ND)
     sims = e @ e.T
     return sims[np.triu_indices(e.shape[0], 1)]
 

@@ -9,12 +9,14 @@ import numpy as np
 import torch
 
 
+def unit_rows(x_ND) -> np.ndarray:
+    """Rows scaled to unit length (float64; zero rows stay zero)."""
+    x = np.asarray(x_ND, dtype=np.float64)
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
 def cosine_matrix(a_ND, b_MD) -> np.ndarray:
-    a = np.asarray(a_ND, dtype=np.float64)
-    b = np.asarray(b_MD, dtype=np.float64)
-    a = a / np.clip(np.linalg.norm(a, axis=1, keepdims=True), 1e-12, None)
-    b = b / np.clip(np.linalg.norm(b, axis=1, keepdims=True), 1e-12, None)
-    return a @ b.T
+    return unit_rows(a_ND) @ unit_rows(b_MD).T
 
 
 def retrieval_scores(scores_QD, relevant_QD, ks=(1, 10)) -> dict[str, float]:
@@ -50,8 +52,7 @@ def cluster_v_measure(embeddings_ND, labels, seed: int = 0) -> float:
     from sklearn.cluster import KMeans
     from sklearn.metrics import v_measure_score
 
-    e = np.asarray(embeddings_ND, dtype=np.float64)
-    e = e / np.clip(np.linalg.norm(e, axis=1, keepdims=True), 1e-12, None)
+    e = unit_rows(embeddings_ND)
     k = len(set(labels))
     predicted = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(e)
     return float(v_measure_score(labels, predicted))

@@ -218,7 +218,7 @@ def run_task(task: TaskSpec, model, tokenizer, embed: Embedder, *, max_length: i
     if task.kind == "sts":
         a = embed([r["text1"] for r in records], max_length)
         b = embed([r["text2"] for r in records], max_length)
-        cos = np.sum(_unit(a) * _unit(b), axis=1)
+        cos = np.sum(metrics.unit_rows(a) * metrics.unit_rows(b), axis=1)
         return {"spearman": spearman(cos, [float(r["score"]) for r in records])}
     if task.kind == "retrieval":
         queries = list(dict.fromkeys(r["query"] for r in records))
@@ -240,11 +240,6 @@ def run_task(task: TaskSpec, model, tokenizer, embed: Embedder, *, max_length: i
                                "cross-validation needs two or more per label")
         return {"accuracy": metrics.probe_accuracy(vectors, labels, folds=folds), "folds": folds}
     return {"v_measure": metrics.cluster_v_measure(vectors, labels)}
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
 def evaluate(spec: ModelSpec, suite: Suite, *, progress: bool = True) -> ModelResult:
