@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from bidirlm_pl.data.pairs import PairCollator, PairsDataModule, PairSource
 from bidirlm_pl.data.packing import collate_rows, pack_documents, tokenize_documents
 from bidirlm_pl.data.sources import SourceSpec, load_texts
 from bidirlm_pl.errors import BidirLMError
@@ -54,14 +55,19 @@ def load_tokenizer(tokenizer: str | None):
     return tok
 
 
-class UBMoEPairsData(L.LightningDataModule):
+class UBMoEPairsData(PairsDataModule):
     """Stage-1 contrastive data: unsupervised SimCSE on documents, with a held-out tail for validation.
+
+    The batches, their split over processes (global batches) and their exact resumption are those
+    of :class:`bidirlm_pl.data.pairs.PairsDataModule` with one SimCSE source.
 
     Args:
         tokenizer: model folder or asset (linked to the model by the CLI).
         source: documents (default: the Lee background corpus).
         holdout: last documents of ``source`` kept for validation.
-        max_length: truncation length; batch_size: pairs per batch; seed: shuffling seed.
+        max_length: truncation length; batch_size: pairs per batch (per process); seed: shuffling seed.
+        global_batch_size: pairs per step over all processes (then ``batch_size`` = this / world size).
+        resume_stream: see :class:`~bidirlm_pl.data.pairs.PairsDataModule`.
     """
 
     def __init__(
@@ -73,43 +79,27 @@ class UBMoEPairsData(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        global_batch_size: int | None = None,
+        resume_stream: bool = True,
     ):
-        super().__init__()
         if batch_size < 2:
             raise BidirLMError(f"batch_size {batch_size} must be >= 2: InfoNCE needs in-batch negatives")
-        self.tokenizer_name, self.source = tokenizer, source
-        self.holdout, self.max_length, self.batch_size = holdout, max_length, batch_size
-        self.num_workers, self.seed = num_workers, seed
+        super().__init__(tokenizer=tokenizer, sources=[PairSource(name="simcse", mode="simcse", kind="lee")],
+                         batch_size=batch_size, max_length=max_length, num_workers=num_workers, seed=seed,
+                         global_batch_size=global_batch_size, resume_stream=resume_stream)
+        self.source, self.holdout = source, holdout
         self.tokenizer = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is not None:
+        if self.train_rows is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name)
+        self.collator = PairCollator(self.tokenizer, self.max_length)
         train_docs, val_docs = split_documents(self.source, self.holdout)
-        self.train_pairs = [(d, d) for d in train_docs]
-        self.val_pairs = [(d, d) for d in val_docs]
-        if len(self.train_pairs) < self.batch_size:
-            raise BidirLMError(f"{len(self.train_pairs)} training pairs are fewer than batch_size {self.batch_size}")
-
-    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    def collate(self, pairs: list[tuple[str, str]]) -> dict:
-        queries, positives = zip(*pairs)
-        return {"query": self._encode(list(queries)), "positive": self._encode(list(positives))}
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_pairs, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True,
-                          collate_fn=self.collate, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        if len(self.val_pairs) < 2:
-            return []
-        return DataLoader(self.val_pairs, batch_size=self.batch_size, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        pairs = lambda docs: [{"anchor": d, "positive": d, "negatives": []} for d in docs]
+        self.train_rows, self.val_rows = [pairs(train_docs)], [pairs(val_docs)] if len(val_docs) >= 2 else []
+        if len(train_docs) < self.batch_size:
+            raise BidirLMError(f"{len(train_docs)} training pairs are fewer than batch_size {self.batch_size}")
 
 
 class UBMoETextData(L.LightningDataModule):

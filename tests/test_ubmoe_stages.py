@@ -54,7 +54,7 @@ def test_stage1_trains_only_expert1_and_equals_a_plain_model(tiny_path, tmp_path
     assert changed == expert1, sorted(changed ^ expert1)[:5]
     # the stage-1 model (forced expert 1, bidirectional) is the plain model with expert-1 FFNs
     stage.eval()
-    batch = data.collate(data.val_pairs[:3])["query"]
+    batch = data.collator(data.val_rows[0][:3])["query"]
     with torch.no_grad():
         ours = stage.embed(batch)
         stage.export_hf(tmp_path / "s1")

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bidirlm_pl.data import sources as text_sources
+from bidirlm_pl.data.global_batches import STATE_KEY, check_signature, per_rank_batch_size, rank_rows, world_of
 from bidirlm_pl.errors import BidirLMError
 
 MODES = ("pairs", "simcse", "halves")
@@ -260,32 +261,39 @@ class PairCollator:
 class SourceBatches(IterableDataset):
     """Collated batches, each drawn from one source chosen with probability proportional to its weight.
 
-    An epoch has ``sum(len(rows_i) // batch_size)`` batches (at least one per source); each source is
-    reshuffled when exhausted. Batches are split over DDP ranks and dataloader workers by index.
+    The plan is made of *global* batches (``batch_size * world_size`` rows of one source) and rank
+    ``r`` collates its contiguous slice of each (``bidirlm_pl.data.global_batches``). An epoch has
+    ``sum(len(rows_i) // global_batch)`` batches (at least one per source); each source is reshuffled
+    when exhausted. Dataloader workers take every ``num_workers``-th batch. Each training batch
+    carries the stream position after it (``epoch``, ``index``) for exact resumption: iteration
+    starts at ``start`` and later epochs at their beginning.
     """
 
     def __init__(self, sources: list[PairSource], rows: list[list[dict]], collator: PairCollator,
                  batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True):
+                 drop_last: bool = True, start: tuple[int, int] = (0, 0), signature: dict | None = None):
         self.sources, self.rows, self.collator = sources, rows, collator
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch = 0
-        per = [max(1, len(r) // batch_size) if drop_last else -(-len(r) // batch_size) for r in rows]
+        self.global_batch = batch_size * world_size
+        self.epoch, self.start_index = start
+        self.signature = signature
+        per = [max(1, len(r) // self.global_batch) if drop_last else -(-len(r) // self.global_batch) for r in rows]
         self.total = sum(per)
 
     def __len__(self) -> int:
-        return max(1, self.total // self.world_size)
+        return max(1, self.total)
 
     def plan(self, epoch: int) -> list[tuple[int, list[int]]]:
-        """(source index, row indices) of every batch of an epoch, identical on every rank.
+        """(source index, row indices) of every global batch of an epoch, identical on every rank.
 
         Training draws the source of each batch by weight and shuffles rows; evaluation walks the
         sources in order, rows in order, keeping the last partial batch.
         """
+        size = self.global_batch
         if not self.shuffle:
-            return [(s, list(range(i, min(i + self.batch_size, len(rows)))))
-                    for s, rows in enumerate(self.rows) for i in range(0, len(rows), self.batch_size)]
+            return [(s, list(range(i, min(i + size, len(rows)))))
+                    for s, rows in enumerate(self.rows) for i in range(0, len(rows), size)]
         rng = random.Random(self.seed * 1_000_003 + epoch)
         weights = [s.weight for s in self.sources]
         orders: list[list[int]] = [[] for _ in self.rows]
@@ -293,7 +301,7 @@ class SourceBatches(IterableDataset):
         for _ in range(self.total):
             s = rng.choices(range(len(self.sources)), weights=weights)[0]
             n = len(self.rows[s])
-            take = min(self.batch_size, n)
+            take = min(size, n)
             if len(orders[s]) < take:
                 fresh = list(range(n))
                 rng.shuffle(fresh)
@@ -303,19 +311,24 @@ class SourceBatches(IterableDataset):
         return plan
 
     def __iter__(self) -> Iterator[dict]:
-        plan = self.plan(self.epoch)
-        self.epoch += 1
-        # every rank runs the same number of batches (collectives in the loss must line up)
-        per_rank = len(self)
-        plan = (plan * (1 + per_rank * self.world_size // max(1, len(plan))))[: per_rank * self.world_size]
+        epoch, first = self.epoch, self.start_index
+        self.epoch, self.start_index = epoch + 1, 0
+        plan = self.plan(epoch)
         worker = get_worker_info()
-        shards, shard = self.world_size, self.rank
-        if worker is not None:
-            shards, shard = shards * worker.num_workers, shard * worker.num_workers + worker.id
-        for k in range(shard, len(plan), shards):
+        shards, shard = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        for k in range(first, len(plan)):
+            if (k - first) % shards != shard:
+                continue
             s, idx = plan[k]
-            batch = self.collator([self.rows[s][i] for i in idx], self.sources[s].query_instruction)
+            full = len(idx) == self.global_batch
+            mine = idx[rank_rows(len(idx), self.rank, self.world_size, self.batch_size if full else None)]
+            if not mine:
+                continue  # an evaluation tail smaller than the world: no rank gets a row
+            batch = self.collator([self.rows[s][i] for i in mine], self.sources[s].query_instruction)
             batch["source"] = s
+            if self.shuffle:
+                after = (epoch, k + 1) if k + 1 < len(plan) else (epoch + 1, 0)
+                batch[STATE_KEY] = {"epoch": after[0], "index": after[1], "signature": self.signature}
             yield batch
 
 
@@ -326,17 +339,21 @@ class PairsDataModule(L.LightningDataModule):
         tokenizer: model folder or asset name whose tokenizer to use (linked to the model by the CLI).
         sources: the training sources (see :class:`PairSource`).
         val_sources: optional held-out sources; otherwise ``val_fraction`` of each source's rows.
-        batch_size: rows per batch (per device); the global batch gathers every device's rows when
-            the loss gathers across devices.
+        batch_size: rows per batch (per device); the global batch (every device's rows, drawn from one
+            source) is what the loss sees when it gathers across devices.
+        global_batch_size: rows per step over all devices (then ``batch_size`` = this / world size).
         max_length: token limit per text (truncation).
         val_fraction: share of each training source held out for validation (0 disables validation).
         num_workers: dataloader workers.
         seed: shuffling seed.
+        resume_stream: on resume, continue the checkpoint's batch stream exactly (its data config must
+            be unchanged); ``false`` keeps the trained weights and starts a fresh stream.
     """
 
     def __init__(self, tokenizer: str | None = None, sources: list[PairSource] | None = None,
                  val_sources: list[PairSource] | None = None, batch_size: int = 32, max_length: int = 128,
-                 val_fraction: float = 0.0, num_workers: int = 0, seed: int = 0):
+                 val_fraction: float = 0.0, num_workers: int = 0, seed: int = 0,
+                 global_batch_size: int | None = None, resume_stream: bool = True):
         super().__init__()
         if not sources:
             raise BidirLMError("PairsDataModule needs at least one source in 'sources'")
@@ -352,7 +369,10 @@ class PairsDataModule(L.LightningDataModule):
             text_sources.resolve_kind(_text_spec(src))
         self.batch_size, self.max_length = batch_size, max_length
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
+        self.global_batch_size, self.resume_stream = global_batch_size, resume_stream
         self.train_rows = self.val_rows = None
+        self._resume_state: dict | None = None
+        self._consumed_state: dict | None = None
         self.save_hyperparameters({"sources": [asdict(s) for s in self.sources]})
 
     def _tokenizer(self):
@@ -398,10 +418,17 @@ class PairsDataModule(L.LightningDataModule):
                                f"{len(rows)} rows")
 
     def _rank(self):
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
+        world, rank = world_of(self)
+        return rank, world
+
+    def per_rank_batch_size(self) -> int:
+        return per_rank_batch_size(self.batch_size, self.global_batch_size, world_of(self)[0])
+
+    def stream_signature(self) -> dict:
+        """What decides the batch stream: a checkpoint's stream only continues under the same values."""
+        return {"sources": [s.name for s in self.sources], "weights": [float(s.weight) for s in self.sources],
+                "rows": [len(r) for r in self.train_rows] if self.train_rows is not None else None,
+                "seed": self.seed, "global_batch": self.per_rank_batch_size() * world_of(self)[0]}
 
     def _loader(self, dataset):
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
@@ -409,9 +436,35 @@ class PairsDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         rank, world = self._rank()
-        self._train = SourceBatches(self.sources, self.train_rows, self.collator, self.batch_size, self.seed,
-                                    shuffle=True, rank=rank, world_size=world)
+        per_rank = self.per_rank_batch_size()
+        start = self._consumed_state or self._resume_state or {"epoch": 0, "index": 0}
+        self._train = SourceBatches(self.sources, self.train_rows, self.collator, per_rank, self.seed,
+                                    shuffle=True, rank=rank, world_size=world,
+                                    start=(int(start["epoch"]), int(start["index"])),
+                                    signature=self.stream_signature())
         return self._loader(self._train)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if isinstance(batch, dict) and STATE_KEY in batch:
+            batch = dict(batch)
+            self._consumed_state = batch.pop(STATE_KEY)
+        return batch
+
+    def state_dict(self) -> dict:
+        state = self._consumed_state or self._resume_state
+        return {"train": dict(state)} if state is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict.get("train")
+        if state is not None and not self.resume_stream:
+            rank_zero_info("data: resume_stream is false: the checkpoint's weights continue on a fresh batch stream")
+            state = None
+        if state is not None:
+            self.setup("fit")
+            check_signature(state.get("signature"), self.stream_signature(), what="pair batch stream",
+                            option="data.init_args.resume_stream")
+        self._resume_state = state
+        self._consumed_state = state
 
     def val_dataloader(self):
         if not self.val_rows or not any(self.val_rows):
@@ -420,5 +473,5 @@ class PairsDataModule(L.LightningDataModule):
         srcs = self.val_sources or [s for s, r in zip(self.sources, self.val_rows)]
         keep = [(s, r) for s, r in zip(srcs, self.val_rows) if r]
         return self._loader(SourceBatches([s for s, _ in keep], [r for _, r in keep], self.collator,
-                                          self.batch_size, self.seed, shuffle=False, rank=rank, world_size=world,
+                                          self.per_rank_batch_size(), self.seed, shuffle=False, rank=rank, world_size=world,
                                           drop_last=False))

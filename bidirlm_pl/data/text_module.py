@@ -6,7 +6,9 @@ is a packed dict (``input_ids``, ``position_ids``, ``seq_ids``, ``labels``; see
 the state *after* the batch the trainer actually consumed is what :meth:`TextDataModule.state_dict`
 returns (Lightning stores it in checkpoints), so resuming mid-epoch continues with exactly the next
 batches of the uninterrupted run, whatever the loader prefetched. With several processes the stream
-is produced in rounds of ``world_size`` batches and rank ``r`` trains on the ``r``-th of each round.
+is produced in global batches (rounds) that are collated and masked whole, and rank ``r`` trains on
+its slice of each round (``bidirlm_pl.data.global_batches``), so W processes x B rows see exactly the
+rows and masks of 1 process x W*B rows.
 With ``split_documents`` (the default) every training row is full (no padding): a document that does
 not fit is continued in the next row as its own segment, and a one-token remainder of a row holds a
 one-token segment (never masked, never a target), so ``flash_attention_2`` (varlen, batch size 1,
@@ -32,6 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
+from bidirlm_pl.data.global_batches import STATE_KEY, check_signature, per_rank_batch_size, rank_rows, world_of
 from bidirlm_pl.data.masking import Masker, MaskSpec, replacement_ids, resolve_mask_token, special_token_ids
 from bidirlm_pl.data.mixture import Mixture, normalised_weights
 from bidirlm_pl.data.packing import PackedRow, Packer, collate_rows
@@ -45,7 +48,6 @@ from bidirlm_pl.data.sources import (
 )
 from bidirlm_pl.errors import BidirLMError
 
-STATE_KEY = "_stream_state"
 SHORT_DOCUMENT_POLICIES = ("error", "skip")
 
 
@@ -86,6 +88,7 @@ class TextDataModule(L.LightningDataModule):
         sources: weighted named sources (:class:`SourceSpec`).
         max_length: tokens per packed row (at most the model's ``max_position_embeddings``).
         batch_size: rows per batch (per process).
+        global_batch_size: rows per step over all processes (then ``batch_size`` = this / world size).
         val_sources: held-out sources; when empty, ``val_fraction`` of each random-access source.
         val_fraction: share of each random-access source held out for validation (0 = none).
         val_max_batches: cap on validation batches.
@@ -95,6 +98,8 @@ class TextDataModule(L.LightningDataModule):
         append_eos: append the EOS token to every document.
         short_documents: ``error`` (default) or ``skip`` for documents under 2 tokens.
         check_documents: documents per source tokenized before training to catch bad input.
+        resume_stream: on resume, continue the checkpoint's stream exactly (its data config must be
+            unchanged); ``false`` keeps the trained weights and starts a fresh stream.
     """
 
     def __init__(
@@ -112,6 +117,8 @@ class TextDataModule(L.LightningDataModule):
         append_eos: bool = False,
         short_documents: str = "error",
         check_documents: int = 1000,
+        global_batch_size: int | None = None,
+        resume_stream: bool = True,
     ):
         super().__init__()
         self.tokenizer_name = tokenizer
@@ -121,6 +128,8 @@ class TextDataModule(L.LightningDataModule):
             resolve_kind(spec)  # contradictory fields fail here, before any model or data loads
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
+        self.global_batch_size = global_batch_size
+        self.resume_stream = resume_stream
         self.val_fraction = float(val_fraction)
         self.val_max_batches = int(val_max_batches)
         self.seed = int(seed)
@@ -245,10 +254,18 @@ class TextDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ streams
     def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 1, 0
-        return int(trainer.world_size), int(trainer.global_rank)
+        return world_of(self)
+
+    def per_rank_batch_size(self) -> int:
+        return per_rank_batch_size(self.batch_size, self.global_batch_size, self._world()[0])
+
+    def stream_signature(self) -> dict:
+        """What decides the stream: a checkpoint's stream only continues under the same values."""
+        self.prepare()
+        return {"sources": [s.name for s in self._train_sources],
+                "weights": [round(float(s.spec.weight), 9) for s in self._train_sources],
+                "seed": self.seed, "max_length": self.max_length,
+                "global_batch": self.per_rank_batch_size() * self._world()[0]}
 
     def _mask_generator(self, stream: int, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + stream * 7_777_777 + index)
@@ -260,6 +277,8 @@ class TextDataModule(L.LightningDataModule):
         """
         self.prepare()
         world, rank = self._world()
+        per_rank = self.per_rank_batch_size()
+        signature = self.stream_signature()
         mixture = Mixture(self._train_sources, seed=self.seed)
         # min_segment=1: a row never ends with padding when documents split (flash varlen needs full rows)
         packer = Packer(self.max_length, split_documents=self.split_documents, min_segment=1)
@@ -272,7 +291,7 @@ class TextDataModule(L.LightningDataModule):
                        for r in state["pending"]]
             rounds = int(state["rounds"])
         while True:
-            need = self.batch_size * world
+            need = per_rank * world
             while len(pending) < need:
                 index, text = mixture.next()
                 ids = self.tokenize(text)
@@ -281,15 +300,16 @@ class TextDataModule(L.LightningDataModule):
                 mixture.count_tokens(index, len(ids))
                 pending.extend(packer.add(ids, source=index))
             rows, pending = pending[:need], pending[need:]
-            mine = rows[rank * self.batch_size:(rank + 1) * self.batch_size]
-            batch = collate_rows(mine, max_length=self.max_length, pad_token_id=self.pad_token_id)
-            batch = self.masker(batch, generator=self._mask_generator(0, rounds * world + rank),
-                                ratio=self.mask_spec.ratio_at(rounds))
+            # collate and mask the whole global batch, then keep this rank's rows: masks do not depend on W
+            batch = collate_rows(rows, max_length=self.max_length, pad_token_id=self.pad_token_id)
+            batch = self.masker(batch, generator=self._mask_generator(0, rounds), ratio=self.mask_spec.ratio_at(rounds))
+            mine = rank_rows(need, rank, world, per_rank)
+            batch = {k: (v[mine] if torch.is_tensor(v) else v) for k, v in batch.items()}
             rounds += 1
             batch[STATE_KEY] = {
                 "split": "train", "rounds": rounds, "mixture": copy.deepcopy(mixture.state_dict()),
                 "packer": packer.state_dict(), "pending": [_row_to_dict(r) for r in pending],
-                "proportions": mixture.proportions(),
+                "proportions": mixture.proportions(), "signature": signature,
             }
             yield batch
 
@@ -362,5 +382,12 @@ class TextDataModule(L.LightningDataModule):
         return {"train": copy.deepcopy(state)} if state is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._resume_state = state_dict.get("train")
-        self._consumed_state = self._resume_state
+        state = state_dict.get("train")
+        if state is not None and not self.resume_stream:
+            rank_zero_info("data: resume_stream is false: the checkpoint's weights continue on a fresh data stream")
+            state = None
+        if state is not None:
+            check_signature(state.get("signature"), self.stream_signature(), what="text stream",
+                            option="data.init_args.resume_stream")
+        self._resume_state = state
+        self._consumed_state = state

@@ -1,0 +1,67 @@
+"""Global batches split over processes: why N processes x B rows train exactly like 1 process x N*B rows.
+
+Every data module plans its batches as *global* batches (the rows of one optimizer step over all
+processes), identically on every rank, and each rank takes its contiguous slice: rank ``r`` of
+``W`` gets rows ``r*B .. (r+1)*B``. Losses that gather across ranks (InfoNCE's candidates) or
+normalise by a global count (MNTP's masked tokens) then see the same rows in the same order as one
+process holding the whole global batch.
+
+``global_batch_size`` (optional in every data module) fixes the global batch whatever the number
+of processes; ``batch_size`` is then derived per process and the two must agree with the world size.
+
+A resumable stream tags each batch with the state *after* it under :data:`STATE_KEY`; the data
+module keeps the state of the batch the trainer actually consumed (see ``on_before_batch_transfer``)
+and compares a signature of the stream (sources, weights, seed, global batch...) on resume.
+"""
+
+from __future__ import annotations
+
+from bidirlm_pl.errors import BidirLMError
+
+STATE_KEY = "_stream_state"
+
+
+def world_of(datamodule) -> tuple[int, int]:
+    """``(world_size, global_rank)`` of the trainer a data module is attached to (``(1, 0)`` without one)."""
+    trainer = getattr(datamodule, "trainer", None)
+    if trainer is None:
+        return 1, 0
+    return int(trainer.world_size), int(trainer.global_rank)
+
+
+def per_rank_batch_size(batch_size: int, global_batch_size: int | None, world: int) -> int:
+    """Rows per process: ``batch_size``, or ``global_batch_size / world`` when a global batch is configured."""
+    if global_batch_size is None:
+        return int(batch_size)
+    if global_batch_size < 1:
+        raise BidirLMError(f"global_batch_size {global_batch_size} must be >= 1 (or null to use batch_size per process)")
+    if global_batch_size % world:
+        raise BidirLMError(
+            f"global_batch_size {global_batch_size} does not divide by the world size {world} "
+            f"(devices x num_nodes); use a multiple of {world}, e.g. {world * max(1, global_batch_size // world)}"
+        )
+    return global_batch_size // world
+
+
+def rank_rows(n_rows: int, rank: int, world: int, per_rank: int | None = None) -> slice:
+    """Rows of a global batch of ``n_rows`` that rank ``rank`` trains on.
+
+    ``per_rank`` given: the contiguous block ``rank*per_rank``. Otherwise (a last, partial evaluation
+    batch) every rank gets ``n_rows // world`` rows, so collectives see equal shapes; the remainder is dropped.
+    """
+    size = per_rank if per_rank is not None else n_rows // world
+    return slice(rank * size, (rank + 1) * size)
+
+
+def check_signature(saved: dict | None, current: dict, *, what: str, option: str) -> None:
+    """One-line error when a checkpoint's stream was made by a different data configuration."""
+    if not saved:
+        return  # checkpoints written before signatures existed
+    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if changed:
+        diff = "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
+        raise BidirLMError(
+            f"the checkpoint's {what} was made by a different data configuration ({diff}); restore the "
+            f"checkpoint's data config to continue its stream exactly, or set {option}: false to keep the "
+            f"trained weights and start a fresh stream"
+        )
