@@ -49,8 +49,12 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
             parser.link_arguments("model.init_args.backbone.model", "data.init_args.tokenizer")
 
         def before_instantiate_classes(self):
+            from bidirlm_pl.preflight import check_fit_config
+
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            check_fit_config(config)  # placement and batch mistakes: one line, before any process starts
             # default logging: CSV and TensorBoard side by side under the run's default_root_dir
-            trainer = self.config[self.subcommand]["trainer"] if self.subcommand else self.config["trainer"]
+            trainer = config["trainer"]
             if trainer.get("logger") in (None, True):
                 root = trainer.get("default_root_dir") or "runs"
                 trainer["logger"] = [

@@ -233,7 +233,9 @@ class Encoder:
         self.model.eval()
         self.pooler.eval()
         try:
-            with torch.inference_mode():
+            # FSDP2 keeps its all-gather buffers across calls: tensors made in inference mode would poison training
+            sharded = any(hasattr(m, "set_requires_gradient_sync") for m in self.model.modules())
+            with torch.no_grad() if sharded else torch.inference_mode():
                 for batch in tqdm(batches, desc="encode", disable=not show, unit="batch"):
                     emb = self._forward([ids[i] for i in batch], [prefix] * len(batch), bool(pack)).float()
                     if normalize:

@@ -2,7 +2,10 @@
 
     bidirlm export --ckpt runs/contrastive/checkpoints/last.ckpt --output models/encoder [--overwrite]
 
-The checkpoint is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling); the stage
+``--ckpt`` may also be a sharded checkpoint folder (FSDP2 with ``save_distributed_checkpoint: true``):
+its shards are consolidated in this one process (no process group needed), so the export equals
+the one an unsharded run writes. The checkpoint is read with ``torch.load(weights_only=True)``
+(no arbitrary unpickling); the stage
 is rebuilt from its saved hyperparameters (its base model folder or asset must still exist), the
 trained weights are loaded strictly, and the folder is written atomically (temporary sibling, rename).
 A contrastive checkpoint yields a folder that ``SentenceTransformer(dir)`` and ``AutoModel`` load.
@@ -18,7 +21,8 @@ from bidirlm_pl.errors import BidirLMError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by `bidirlm fit`")
+    parser.add_argument("--ckpt", required=True,
+                        help="Lightning checkpoint (.ckpt file, or sharded checkpoint folder) written by `bidirlm fit`")
     parser.add_argument("--output", required=True, help="target folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
@@ -31,16 +35,40 @@ def load_checkpoint(path: str | Path) -> dict:
     from bidirlm_pl.stages.base import Schedule
 
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir() and not (path / DCP_METADATA).is_file():
+        raise BidirLMError(f"checkpoint '{path}' is a folder without '{DCP_METADATA}'; expected a .ckpt file or a "
+                           "sharded checkpoint folder written by `bidirlm fit` (FSDP2, save_distributed_checkpoint)")
+    if not path.exists():
         raise BidirLMError(f"checkpoint '{path}' does not exist; expected a .ckpt file written by `bidirlm fit`")
     try:
         with torch.serialization.safe_globals([Schedule, LoraSpec, BackboneSpec]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = _load_sharded(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling refusals and corrupt files alike
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BidirLMError(f"checkpoint '{path}' cannot be loaded safely (weights_only): {first}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise BidirLMError(f"checkpoint '{path}' has no state_dict/hyper_parameters; expected a Lightning checkpoint")
+    return ckpt
+
+
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded folder
+LIGHTNING_META = "meta.pt"  # Lightning's non-tensor checkpoint entries (hyperparameters, loops, RNG)
+
+
+def _load_sharded(folder: Path) -> dict:
+    """A sharded (DCP) Lightning checkpoint consolidated into one dict in this process."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        consolidated = Path(tmp) / "full.pt"
+        dcp_to_torch_save(folder, consolidated)
+        ckpt = torch.load(consolidated, map_location="cpu", weights_only=True)
+    meta = folder / LIGHTNING_META
+    if meta.is_file():
+        ckpt.update(torch.load(meta, map_location="cpu", weights_only=True))
     return ckpt
 
 

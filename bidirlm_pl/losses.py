@@ -178,6 +178,8 @@ class GradCache(nn.Module):
     ``forward(embed, query_batch, positive_batch, negative_batch=None, n_negatives=0)`` returns a
     loss tensor whose ``backward()`` runs step 3, so it fits Lightning's automatic optimization.
     Negative batches hold B*N rows ordered row by row (row i's N negatives are contiguous).
+    Across processes, set ``sync`` (a :class:`bidirlm_pl.grad_sync.ReplaySync`, or anything with
+    ``before_backward(output, last=...)``) so gradients are reduced once, by the last chunk.
 
     >>> enc = torch.nn.Linear(4, 3)
     >>> gc = GradCache(InfoNCE(), chunk_size=2)
@@ -192,6 +194,7 @@ class GradCache(nn.Module):
         self.loss = loss
         self.chunk_size = chunk_size
         self.last_details: dict[str, torch.Tensor] = {}
+        self.sync = None
 
     def _ranges(self, batch: dict) -> list[tuple[int, int]]:
         n = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
@@ -229,10 +232,13 @@ class GradCache(nn.Module):
         return out
 
     def _replay(self, embed: EmbedFn, batches: Sequence[dict], states, grads, grad_out):
+        chunks = [(batch, rows, state, grad_ND) for batch, column_states, grad_ND in zip(batches, states, grads)
+                  for rows, state in zip(self._ranges(batch), column_states)]
         with torch.enable_grad():
-            for batch, column_states, grad_ND in zip(batches, states, grads):
-                for (start, end), state in zip(self._ranges(batch), column_states):
-                    with state:
-                        emb = embed(slice_batch(batch, start, end))
-                    # surrogate whose gradient w.r.t. the embeddings is the cached one
-                    (emb * (grad_ND[start:end] * grad_out)).sum().backward()
+            for i, (batch, (start, end), state, grad_ND) in enumerate(chunks):
+                with state:
+                    emb = embed(slice_batch(batch, start, end))
+                if self.sync is not None:
+                    self.sync.before_backward(emb, last=i == len(chunks) - 1)
+                # surrogate whose gradient w.r.t. the embeddings is the cached one
+                (emb * (grad_ND[start:end] * grad_out)).sum().backward()

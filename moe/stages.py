@@ -123,6 +123,8 @@ class UBMoEStage1(_UBMoEStage):
             stage output (MNTP, merged...) or a UBMoE folder; ``trainable`` defaults to ``[expert1]``.
         ubmoe: how to convert a plain model (router init, per-mode routing; see ``UBMoESpec``).
         temperature: InfoNCE temperature (0.05 as the UBMoE code).
+        gather_across_devices: under DDP/FSDP, every rank's embeddings join the InfoNCE candidates
+            (N processes x B pairs then train as 1 process x N*B pairs).
         attention_dropout: dropout on attention probabilities while training (the SimCSE noise).
         routing: routing while training (``forced1``: every token through expert 1).
         Other arguments as :class:`BackboneStage`.
@@ -138,6 +140,7 @@ class UBMoEStage1(_UBMoEStage):
         temperature: float = 0.05,
         attention_dropout: float = 0.1,
         routing: str = "forced1",
+        gather_across_devices: bool = True,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
     ):
@@ -147,7 +150,7 @@ class UBMoEStage1(_UBMoEStage):
         if not 0.0 <= attention_dropout < 1.0:
             raise BidirLMError(f"attention_dropout {attention_dropout} is not in [0, 1)")
         self.attention_dropout = attention_dropout
-        self.loss_fn = InfoNCE(temperature=temperature)
+        self.loss_fn = InfoNCE(temperature=temperature, gather_across_devices=gather_across_devices)
 
     def build_model(self):
         model, tokenizer = super().build_model()
@@ -229,8 +232,9 @@ class UBMoEStage2(_UBMoEStage):
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
         hidden_BTD = self.hidden_states(batch, bidirectional=False)
-        lm_loss = causal_lm_loss(hidden_BTD, batch, self.backbone.get_output_embeddings(),
-                                 chunk_size=self.loss_chunk_size, softcap=final_logit_softcap(self.backbone)).loss
+        lm = causal_lm_loss(hidden_BTD, batch, self.backbone.get_output_embeddings(),
+                            chunk_size=self.loss_chunk_size, softcap=final_logit_softcap(self.backbone))
+        lm_loss = self.global_token_mean(lm.loss, lm.count)
         out = {"lm_loss": lm_loss.detach(), "perplexity": lm_loss.detach().exp()}
         loss = lm_loss
         ffns = [f for f in ubmoe_ffns(self.backbone) if f.last_probs_BTE is not None]

@@ -165,13 +165,17 @@ class BackboneStage(L.LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy: shard after the model is finished
             self.parallelize(self.device_mesh)
 
+    @staticmethod
+    def data_parallel_mesh(device_mesh):
+        return device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+
     def parallelize(self, device_mesh) -> None:
         """FSDP2: shard every decoder layer, then the root, over the data-parallel mesh dimension."""
         from torch.distributed.fsdp import fully_shard
 
         if self.lora is not None:
             raise BidirLMError("LoRA with ModelParallelStrategy (FSDP2) is not supported; use DDP for LoRA")
-        mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+        mesh = self.data_parallel_mesh(device_mesh)
         decoder = decoder_of(self.backbone)
         for layer in decoder.layers:
             fully_shard(layer, mesh=mesh)
@@ -207,11 +211,30 @@ class BackboneStage(L.LightningModule):
     def batch_size_of(self, batch: dict) -> int:
         return int(batch["input_ids"].shape[0])
 
+    @property
+    def world_size(self) -> int:
+        return int(self.trainer.world_size) if self._trainer is not None else 1
+
     def training_step(self, batch, batch_idx):
         out = self.step(batch)
+        # several processes: log the mean over ranks, which each stage makes the global batch's value
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True,
-                      batch_size=self.batch_size_of(batch))
+                      batch_size=self.batch_size_of(batch), sync_dist=self.world_size > 1)
         return out["loss"]
+
+    def global_token_mean(self, value: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """A per-rank mean over ``count`` tokens, rescaled so that the ranks' average (what DDP and FSDP
+        reduce gradients with, and what the log shows) is the mean over every rank's tokens.
+
+        Ranks see different numbers of masked/target tokens; without this, W processes x B rows would
+        weight tokens differently from 1 process x W*B rows.
+        """
+        if not (self.training and torch.is_grad_enabled() and self.world_size > 1
+                and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return value
+        total = count.detach().to(device=value.device, dtype=torch.float32).clone()
+        torch.distributed.all_reduce(total)
+        return value * (count.to(value.device, torch.float32) * self.world_size / total.clamp(min=1))
 
     def validation_step(self, batch, batch_idx):
         out = self.step(batch)
@@ -232,6 +255,31 @@ class BackboneStage(L.LightningModule):
         if self._trainer is not None and any(isinstance(c, NonFiniteGuard) for c in self.trainer.callbacks):
             return []
         return [NonFiniteGuard()]
+
+    # ------------------------------------------------------------------ exact resume (see stages/resume.py)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from bidirlm_pl.stages.resume import RNG_KEY, collect_rng_states
+
+        checkpoint[RNG_KEY] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from bidirlm_pl.stages.resume import RNG_KEY, check_same_model, rng_state_for_rank
+
+        if "state_dict" in checkpoint:
+            self.configure_model()
+            saved = (checkpoint.get("hyper_parameters") or {}).get("backbone")
+            saved_model = BackboneSpec.of(saved).model if saved is not None else None
+            check_same_model(checkpoint["state_dict"], self.state_dict(), saved_model=saved_model, model=self.model_path)
+        rank = int(self.trainer.global_rank) if self._trainer is not None else 0
+        self._rng_to_restore = rng_state_for_rank(checkpoint.get(RNG_KEY), rank, self.world_size)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        state = getattr(self, "_rng_to_restore", None)
+        if state is not None:  # first batch after a resume: continue the interrupted run's random draws
+            from bidirlm_pl.stages.resume import restore_rng_state
+
+            restore_rng_state(state)
+            self._rng_to_restore = None
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):

@@ -112,15 +112,38 @@ class ContrastiveStage(BackboneStage):
                               num_heads=self.latent_num_heads)
         if self.pooler.latent is not None:
             self.pooler.to(next(self.backbone.parameters()).device)
+            if self.device_mesh is not None:  # FSDP2: the pooler's gradients are reduced like the backbone's
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(self.pooler, mesh=self.data_parallel_mesh(self.device_mesh))
 
     def setup(self, stage: str) -> None:
-        # GradCache replays chunk forwards inside backward, which DDP's gradient reducer does not see as
-        # one backward pass: ranks would silently end up with different gradients. Refuse it up front.
-        if self.gradcache is not None and self.trainer is not None and self.trainer.world_size > 1:
-            raise BidirLMError(
-                f"gradcache_chunk_size {self.gradcache.chunk_size} is not supported with {self.trainer.world_size} "
-                "processes yet; set it to null (and use gather_across_devices for a large global batch)"
-            )
+        if self.gradcache is None or self._trainer is None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and hasattr(datamodule, "per_rank_batch_size"):
+            per_rank = datamodule.per_rank_batch_size()
+            if self.gradcache.chunk_size > per_rank:
+                raise BidirLMError(
+                    f"gradcache_chunk_size {self.gradcache.chunk_size} is larger than the per-device batch {per_rank} "
+                    f"(global batch {per_rank * self.world_size} over {self.world_size} processes); set it to at most "
+                    f"{per_rank}, or null to embed each batch at once"
+                )
+
+    def training_step(self, batch, batch_idx):
+        if self.gradcache is None or self.world_size == 1:
+            return super().training_step(batch, batch_idx)
+        # chunk replays reduce gradients once, on the last chunk (bidirlm_pl.grad_sync)
+        from bidirlm_pl.grad_sync import ReplaySync
+
+        self.gradcache.sync = ReplaySync([self.backbone, self.pooler], self.trainer.strategy.model)
+        self.gradcache.sync.begin()
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.gradcache is not None and self.gradcache.sync is not None:
+            self.gradcache.sync.end()
+            self.gradcache.sync = None
 
     def embed(self, group: dict) -> torch.Tensor:
         """Pooled embeddings (B, D) of one padded group (``input_ids``, ``attention_mask``, ``pool_mask``).

@@ -52,7 +52,9 @@ class MNTPStage(BackboneStage):
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
         out = self.mntp(batch)
-        return {"loss": out.loss, "accuracy": out.accuracy}
+        # several processes: the mean over every rank's masked tokens, not the mean of per-rank means
+        return {"loss": self.global_token_mean(out.loss, out.count),
+                "accuracy": self.global_token_mean(out.accuracy, out.count)}
 
     def _evaluate(self, batch: dict, prefix: str) -> torch.Tensor:
         out = self.mntp(batch)

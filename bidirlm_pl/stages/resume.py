@@ -1,0 +1,84 @@
+"""What a checkpoint needs beyond Lightning's own state for a resumed run to continue exactly.
+
+Lightning restores weights, optimizer, learning-rate scheduler, loop counters and the data modules'
+``state_dict`` (our streams' positions). Two things are added here:
+
+* **RNG states of every rank** (torch CPU and CUDA, numpy, Python: dropout, GradCache's replays).
+  They are gathered into the checkpoint when it is written and restored at the first training
+  batch after resuming, after the data loader's iterator exists (creating it draws from the RNG).
+* **A one-line error for a changed model**: the checkpoint's parameter names and shapes are
+  compared with the configured model's before Lightning loads them.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from bidirlm_pl.errors import BidirLMError
+
+RNG_KEY = "bidirlm_rng_states"
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _rng_state() -> dict:
+    """This process's RNG states in types a ``weights_only`` checkpoint load accepts (tensors, lists, ints)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def collect_rng_states() -> list[dict]:
+    """This process's RNG states, gathered from every rank (collective under DDP/FSDP: call on all ranks)."""
+    mine = _rng_state()
+    if not _distributed():
+        return [mine]
+    every: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def rng_state_for_rank(states: list[dict] | None, rank: int, world: int) -> dict | None:
+    """The saved RNG state of ``rank``, or None when the checkpoint was written by another world size."""
+    if not states or len(states) != world:
+        return None
+    return states[rank]
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "torch.cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch.cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def check_same_model(saved: dict, current: dict[str, torch.Tensor], *, saved_model: str | None,
+                     model: str) -> None:
+    """One-line error when a checkpoint's weights do not fit the configured model (names or shapes)."""
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    reshaped = [k for k in current if k in saved and tuple(saved[k].shape) != tuple(current[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return
+    if reshaped:
+        k = reshaped[0]
+        first = f"'{k}' is {tuple(saved[k].shape)} in the checkpoint but {tuple(current[k].shape)} in the model"
+    else:
+        first = f"'{(missing or unexpected)[0]}' is {'missing from' if missing else 'not in the model but in'} the checkpoint"
+    raise BidirLMError(
+        f"the checkpoint does not fit the configured model '{model}' ({len(missing)} missing, {len(unexpected)} "
+        f"unexpected, {len(reshaped)} reshaped tensors; {first}); resume with the model it was trained from"
+        f"{f' ({saved_model!r})' if saved_model else ''} or start the stage without --ckpt_path"
+    )

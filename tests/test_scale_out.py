@@ -1,0 +1,121 @@
+"""Scale out without changing results (CPU, gloo, processes launched as Lightning or a cluster does).
+
+* N processes x B rows == 1 process x N*B rows, in logged losses and updated weights: MNTP under DDP,
+  contrastive with GradCache and gathered negatives under DDP and FSDP2, UBMoE stage 1 under DDP,
+  MNTP on 2 "nodes" x 1 process over loopback.
+* A run resumed from its step-k checkpoint logs the uninterrupted run's losses after k (MNTP,
+  contrastive with dropout), also from an FSDP2 sharded checkpoint, and a sharded checkpoint
+  exports the unsharded run's weights.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from scale_out_runs import REPO, fit, fit_command, free_port, losses, max_difference, run, weights
+
+MNTP = "configs/mntp/tiny.yaml"
+CONTRASTIVE = "configs/contrastive/tiny.yaml"
+UBMOE = "configs/ubmoe/stage1-tiny.yaml"
+FSDP2 = ["--config", "configs/trainer/fsdp2.yaml"]
+DDP2 = ["--trainer.strategy", "ddp"]
+TOL = 1e-5
+# 8 rows per step whatever the number of processes; no dropout so that every split is deterministic
+MNTP_ARGS = ["--data.init_args.global_batch_size", "8"]
+CONTRASTIVE_ARGS = ["--data.init_args.global_batch_size", "8", "--model.init_args.attention_dropout", "0",
+                    "--model.init_args.gather_across_devices", "true", "--model.init_args.gradcache_chunk_size", "2"]
+UBMOE_ARGS = ["--data.init_args.global_batch_size", "8", "--model.init_args.attention_dropout", "0"]
+
+
+def assert_same_run(reference, other, *, steps=range(4)):
+    ref, got = losses(reference), losses(other)
+    assert sorted(ref) == sorted(got) == list(steps), (ref, got)
+    for step in steps:
+        assert abs(ref[step] - got[step]) <= TOL, (step, ref[step], got[step])
+    assert max_difference(weights(reference / "hf"), weights(other / "hf")) <= TOL
+
+
+@pytest.fixture(scope="module")
+def mntp_one_process(tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("mntp") / "one", MNTP, *MNTP_ARGS, checkpoints=True)
+
+
+@pytest.fixture(scope="module")
+def contrastive_one_process(tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("contrastive") / "one", CONTRASTIVE, *CONTRASTIVE_ARGS)
+
+
+def test_mntp_ddp_two_processes_equal_one_process(mntp_one_process, tmp_path):
+    ddp = fit(tmp_path / "ddp", MNTP, *MNTP_ARGS, *DDP2, devices=2)
+    assert_same_run(mntp_one_process, ddp)
+    # the run trained: weights moved from the initial model
+    from bidirlm_pl import assets
+
+    assert max_difference(weights(assets.tiny_model("qwen3")), weights(ddp / "hf")) > 1e-4
+
+
+def test_contrastive_gradcache_gathered_ddp_equals_one_process(contrastive_one_process, tmp_path):
+    ddp = fit(tmp_path / "ddp", CONTRASTIVE, *CONTRASTIVE_ARGS, *DDP2, devices=2)
+    assert_same_run(contrastive_one_process, ddp)
+
+
+def test_contrastive_gradcache_gathered_fsdp2_equals_one_process(contrastive_one_process, tmp_path):
+    fsdp = fit(tmp_path / "fsdp2", CONTRASTIVE, *FSDP2, *CONTRASTIVE_ARGS, devices=2)
+    assert_same_run(contrastive_one_process, fsdp)
+
+
+def test_ubmoe_stage1_ddp_equals_one_process(tmp_path):
+    one = fit(tmp_path / "one", UBMOE, *UBMOE_ARGS)
+    ddp = fit(tmp_path / "ddp", UBMOE, *UBMOE_ARGS, *DDP2, devices=2)
+    assert_same_run(one, ddp)
+
+
+def test_two_nodes_on_loopback_equal_one_process(mntp_one_process, tmp_path):
+    """configs/trainer/multinode.yaml, one process per "node", rendezvous on 127.0.0.1 (as torchrun/SLURM set it)."""
+    root = tmp_path / "nodes"
+    cmd = fit_command(root, MNTP, "--config", "configs/trainer/multinode.yaml", *MNTP_ARGS,
+                      "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true")
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env, "NODE_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-4000:]
+    assert_same_run(mntp_one_process, root)
+
+
+def test_mntp_resume_from_step_2_continues_exactly(mntp_one_process, tmp_path):
+    """LR schedule (wsd), mixture position, masks and optimizer state all continue."""
+    ckpt = mntp_one_process / "ckpt" / "step=2.ckpt"
+    resumed = fit(tmp_path / "resumed", MNTP, *MNTP_ARGS, "--ckpt_path", str(ckpt))
+    ref, got = losses(mntp_one_process), losses(resumed)
+    assert sorted(got) == [2, 3]
+    assert [got[s] for s in (2, 3)] == [ref[s] for s in (2, 3)]
+    assert max_difference(weights(mntp_one_process / "hf"), weights(resumed / "hf")) == 0
+
+
+def test_contrastive_resume_with_dropout_continues_exactly(tmp_path):
+    """Dropout noise (RNG state) and the pair stream position continue across the stop."""
+    args = ["--model.init_args.attention_dropout", "0.2"]
+    full = fit(tmp_path / "full", CONTRASTIVE, *args, checkpoints=True)
+    resumed = fit(tmp_path / "resumed", CONTRASTIVE, *args, "--ckpt_path", str(full / "ckpt" / "step=2.ckpt"))
+    ref, got = losses(full), losses(resumed)
+    assert sorted(got) == [2, 3]
+    assert [got[s] for s in (2, 3)] == [ref[s] for s in (2, 3)]
+    assert max_difference(weights(full / "hf"), weights(resumed / "hf")) == 0
+
+
+def test_fsdp2_sharded_checkpoints_resume_and_export(mntp_one_process, tmp_path):
+    sharded = ["--trainer.strategy.init_args.save_distributed_checkpoint", "true"]
+    full = fit(tmp_path / "full", MNTP, *FSDP2, *MNTP_ARGS, *sharded, devices=2, checkpoints=True)
+    ckpt = full / "ckpt" / "step=2.ckpt"
+    assert ckpt.is_dir() and (ckpt / ".metadata").is_file()  # sharded: one folder of shards
+    assert_same_run(mntp_one_process, full)
+    resumed = fit(tmp_path / "resumed", MNTP, *FSDP2, *MNTP_ARGS, *sharded, "--ckpt_path", str(ckpt), devices=2)
+    ref, got = losses(full), losses(resumed)
+    assert sorted(got) == [2, 3] and all(abs(got[s] - ref[s]) <= TOL for s in (2, 3)), (ref, got)
+    # the sharded step-4 checkpoint exports the weights of the unsharded one-process run
+    out = tmp_path / "exported"
+    run([sys.executable, "-m", "bidirlm_pl.cli", "export", "--ckpt", str(full / "ckpt" / "step=4.ckpt"), "--output", str(out)])
+    assert max_difference(weights(mntp_one_process / "hf"), weights(out)) <= TOL
