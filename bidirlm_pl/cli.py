@@ -48,6 +48,15 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
             # every DataModule takes the tokenizer of the model it feeds
             parser.link_arguments("model.init_args.backbone.model", "data.init_args.tokenizer")
 
+        def _parse_ckpt_path(self):
+            # LightningCLI replaces the configured model with the checkpoint's: refuse a silent swap first
+            from bidirlm_pl.stages.resume import check_resume_model
+
+            subcommand = self.config.get("subcommand")
+            if subcommand:
+                check_resume_model(self.config[subcommand], self.config[subcommand].get("ckpt_path"))
+            super()._parse_ckpt_path()
+
         def before_instantiate_classes(self):
             from bidirlm_pl.preflight import check_fit_config
 

@@ -77,14 +77,15 @@ def _substitute(value: str, outputs: dict[str, str]) -> str:
 def latest_checkpoint(logs: Path) -> Path | None:
     """The newest complete Lightning checkpoint a half-finished fit stage left under its logs folder.
 
-    A checkpoint cut short by a kill during its write is not a complete zip archive: it is skipped
-    (and reported) in favour of the one before it.
+    A checkpoint cut short by a kill during its write is not a complete zip archive (or, sharded,
+    a folder without its ``.metadata`` index, which is written last): it is skipped (and reported)
+    in favour of the one before it.
     """
     import zipfile
 
-    found = [p for p in logs.glob("**/*.ckpt") if p.is_file()] if logs.is_dir() else []
+    found = list(logs.glob("**/*.ckpt")) if logs.is_dir() else []
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-        if zipfile.is_zipfile(path):
+        if (path.is_file() and zipfile.is_zipfile(path)) or (path.is_dir() and (path / ".metadata").is_file()):
             return path
         print(f"skipping the incomplete checkpoint {path} (its write was interrupted)", flush=True)
     return None

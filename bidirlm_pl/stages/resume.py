@@ -13,6 +13,7 @@ Lightning restores weights, optimizer, learning-rate scheduler, loop counters an
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,3 +83,50 @@ def check_same_model(saved: dict, current: dict[str, torch.Tensor], *, saved_mod
         f"unexpected, {len(reshaped)} reshaped tensors; {first}); resume with the model it was trained from"
         f"{f' ({saved_model!r})' if saved_model else ''} or start the stage without --ckpt_path"
     )
+
+
+def _saved_hparams(ckpt_path: Path) -> dict:
+    """Hyperparameters of a Lightning checkpoint file or sharded checkpoint folder ({} if unreadable)."""
+    source = ckpt_path / "meta.pt" if ckpt_path.is_dir() else ckpt_path
+    if not source.is_file():
+        return {}
+    try:
+        return dict(torch.load(source, map_location="cpu", weights_only=True).get("hyper_parameters") or {})
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by Lightning's own load
+        return {}
+
+
+def _model_name(backbone) -> str | None:
+    if backbone is None:
+        return None
+    if isinstance(backbone, str):
+        return backbone
+    return backbone.get("model") if hasattr(backbone, "get") else getattr(backbone, "model", None)
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve())
+
+
+def check_resume_model(config, ckpt_path) -> None:
+    """One-line error when ``--ckpt_path`` was trained as another stage or from another model than configured.
+
+    LightningCLI would otherwise silently replace the configured model with the checkpoint's.
+    """
+    if not ckpt_path:
+        return
+    hparams = _saved_hparams(Path(ckpt_path))
+    model = config.get("model") if hasattr(config, "get") else None
+    if not hparams or model is None:
+        return
+    saved_class, saved_model = hparams.get("_class_path"), _model_name(hparams.get("backbone"))
+    class_path = model.get("class_path")
+    configured = _model_name((model.get("init_args") or {}).get("backbone"))
+    if saved_class and class_path and saved_class != class_path:
+        raise BidirLMError(f"the checkpoint '{ckpt_path}' was written by {saved_class}, not the configured "
+                           f"{class_path}; resume with the stage config it was trained with")
+    if saved_model and configured and not _same_model(str(saved_model), str(configured)):
+        raise BidirLMError(f"the checkpoint '{ckpt_path}' was trained from model '{saved_model}', but the config "
+                           f"says '{configured}'; resume with the model it was trained from or start the stage "
+                           "without --ckpt_path")
