@@ -172,6 +172,16 @@ for _arch in TINY_ARCHITECTURES:
     ASSETS[f"tiny-{_arch}"] = (lambda a: lambda: tiny_model(a))(_arch)
 
 
+def _tiny_omni(role: str):
+    from bidirlm_pl.omni.sources import build_tiny_omni_sources
+
+    return build_tiny_omni_sources()[role]
+
+
+for _role, _name in (("text", "tiny-omni-text"), ("vision", "tiny-qwen3-vl"), ("audio", "tiny-qwen3-asr")):
+    ASSETS[_name] = (lambda r: lambda: _tiny_omni(r))(_role)
+
+
 # ---------------------------------------------------------------- random weights of real configs (benchmarks)
 
 def real_config(name: str):

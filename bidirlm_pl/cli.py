@@ -28,6 +28,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "compare": ("bidirlm_pl.evaluation.compare", "compare models: causal perplexity, Lee Spearman, continuations"),
     "dependence": ("bidirlm_pl.evaluation.dependence",
                    "attention dependence: DP-before / DP-main / DP-after per length bucket and layer"),
+    "compose": ("bidirlm_pl.omni.compose",
+                "compose an omni model: merge text/VL/ASR backbones, attach their frozen towers"),
+    "omni-encode": ("bidirlm_pl.omni.encode_cli", "embed sentences, images and audio clips with an omni model"),
     "run": ("bidirlm_pl.pipeline", "run a recipe: chain stage configs, skip finished stages"),
     "export": ("bidirlm_pl.export_cli", "export a Lightning checkpoint as an HF (+ Sentence-Transformers) folder"),
 }

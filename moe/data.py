@@ -24,8 +24,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from bidirlm_pl.data.pairs import PairCollator, PairsDataModule, PairSource
 from bidirlm_pl.data.packing import collate_rows, pack_documents, tokenize_documents
+from bidirlm_pl.data.pairs import PairCollator, PairsDataModule, PairSource
 from bidirlm_pl.data.sources import SourceSpec, load_texts
 from bidirlm_pl.errors import BidirLMError
 

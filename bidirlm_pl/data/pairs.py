@@ -37,7 +37,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bidirlm_pl.data import sources as text_sources
-from bidirlm_pl.data.global_batches import STATE_KEY, check_signature, per_rank_batch_size, rank_rows, world_of
+from bidirlm_pl.data.global_batches import (
+    STATE_KEY,
+    check_signature,
+    per_rank_batch_size,
+    rank_rows,
+    world_of,
+)
 from bidirlm_pl.errors import BidirLMError
 
 MODES = ("pairs", "simcse", "halves")

@@ -34,7 +34,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
-from bidirlm_pl.data.global_batches import STATE_KEY, check_signature, per_rank_batch_size, rank_rows, world_of
+from bidirlm_pl.data.global_batches import (
+    STATE_KEY,
+    check_signature,
+    per_rank_batch_size,
+    rank_rows,
+    world_of,
+)
 from bidirlm_pl.data.masking import Masker, MaskSpec, replacement_ids, resolve_mask_token, special_token_ids
 from bidirlm_pl.data.mixture import Mixture, normalised_weights
 from bidirlm_pl.data.packing import PackedRow, Packer, collate_rows
