@@ -1,7 +1,9 @@
 """Multimodal contrastive pairs for the omni stage: text-text, image-text and audio-text, one modality per batch.
 
 Each batch's modality is drawn by weight (the BidirLM-Omni mix is 65% text, 17.5% audio, 17.5%
-image), then ``batch_size`` pairs of that source; the loss takes in-batch negatives. A batch is
+image), then a global batch of pairs of that source, of which each process takes its slice
+(``bidirlm_pl.data.global_batches``); the loss takes in-batch negatives (gathered over processes).
+The stream is endless and resumable (its position is saved in checkpoints). A batch is
 ``{"modality", "query": inputs, "positive": inputs}`` prepared with the composed model's own
 processors (:class:`bidirlm_pl.omni.inputs.OmniInputs`).
 
@@ -27,6 +29,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
 
+from bidirlm_pl.data.global_batches import STATE_KEY, check_signature, per_rank_batch_size, rank_rows, world_of
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.omni.inputs import AUDIO_RATE, OmniInputs
 
@@ -122,25 +125,45 @@ def load_source(src: OmniSource, seed: int) -> list[tuple]:
 
 
 class _Batches(IterableDataset):
-    def __init__(self, module: OmniPairsData, steps: int):
-        self.module, self.steps = module, steps
+    """The endless batch stream from draw ``start`` on: global batches, this rank's slice of each."""
+
+    def __init__(self, module: OmniPairsData, start: int):
+        self.module, self.start = module, start
 
     def __iter__(self):
         m = self.module
+        world, rank = world_of(m)
+        per_rank = m.per_rank_batch_size()
         rng = random.Random(m.seed)
         weights = [s.weight for s in m.sources]
-        for _ in range(self.steps):
+        signature = m.stream_signature()
+        index = 0
+        while True:
             i = rng.choices(range(len(m.sources)), weights=weights)[0]
-            rows = rng.sample(m.rows[i], min(m.batch_size, len(m.rows[i])))
-            yield m.collate(MODALITY[m.sources[i].kind], rows)
+            rows = rng.sample(m.rows[i], min(per_rank * world, len(m.rows[i])))
+            index += 1
+            if index <= self.start:
+                continue  # resumed: these draws were trained on before the checkpoint
+            batch = m.collate(MODALITY[m.sources[i].kind], rows[rank_rows(len(rows), rank, world, per_rank)])
+            batch[STATE_KEY] = {"index": index, "signature": signature}
+            yield batch
 
 
 class OmniPairsData(L.LightningDataModule):
-    """Args: tokenizer (the composed folder: its tokenizer and processors; the CLI links it to the
-    model), sources, batch_size, max_length, seed, epoch_batches (batches per epoch)."""
+    """Multimodal pairs, one modality per batch drawn by weight; endless (bound the run with ``max_steps``).
+
+    Args:
+        tokenizer: the composed folder (its tokenizer and processors; the CLI links it to the model).
+        sources: :class:`OmniSource` entries.
+        batch_size: pairs per batch per process; ``global_batch_size`` fixes it over all processes.
+        max_length: token limit of each text.
+        seed: seeds the modality draws and the generated sources.
+        resume_stream: on resume, continue the checkpoint's stream (``false``: a fresh stream).
+    """
 
     def __init__(self, tokenizer: str | None = None, sources: list[OmniSource] | None = None, batch_size: int = 8,
-                 max_length: int = 64, seed: int = 0, epoch_batches: int = 64):
+                 max_length: int = 64, seed: int = 0, global_batch_size: int | None = None,
+                 resume_stream: bool = True):
         super().__init__()
         if not sources:
             raise BidirLMError("OmniPairsData needs at least one source")
@@ -153,14 +176,26 @@ class OmniPairsData(L.LightningDataModule):
         if batch_size < 2:
             raise BidirLMError(f"batch_size {batch_size} must be >= 2: InfoNCE needs in-batch negatives")
         self.model, self.batch_size, self.max_length, self.seed = tokenizer, batch_size, max_length, seed
-        self.epoch_batches = epoch_batches
+        self.global_batch_size, self.resume_stream = global_batch_size, resume_stream
         self.inputs = None
+        self._resume_state: dict | None = None
+        self._consumed_state: dict | None = None
+
+    def per_rank_batch_size(self) -> int:
+        return per_rank_batch_size(self.batch_size, self.global_batch_size, world_of(self)[0])
+
+    def stream_signature(self) -> dict:
+        return {"sources": [s.name for s in self.sources], "weights": [float(s.weight) for s in self.sources],
+                "seed": self.seed, "global_batch": self.per_rank_batch_size() * world_of(self)[0]}
 
     def setup(self, stage: str | None = None) -> None:
         if self.inputs is not None:
             return
         if self.model is None:
-            raise BidirLMError("OmniPairsData needs 'model' (the composed folder; the CLI links it to the stage's)")
+            raise BidirLMError("OmniPairsData needs 'tokenizer' (the composed folder; the CLI links it to the model)")
+        trainer = getattr(self, "trainer", None)
+        if stage == "fit" and trainer is not None and trainer.max_steps in (None, -1):
+            raise BidirLMError("the omni pair stream is endless: set trainer.max_steps (e.g. --trainer.max_steps 1000)")
         self.inputs = OmniInputs.from_folder(self.model)
         self.rows = [load_source(src, self.seed) for src in self.sources]
 
@@ -169,8 +204,28 @@ class OmniPairsData(L.LightningDataModule):
         media = {"image": {"images": queries}, "audio": {"audio": queries}}.get(modality)
         query = self.inputs.prepare(None, max_length=self.max_length, **media) if media else \
             self.inputs.prepare(queries, max_length=self.max_length)
-        return {"modality": modality, "query": query, "positive": self.inputs.prepare(positives,
-                                                                                      max_length=self.max_length)}
+        return {"modality": modality, "query": query,
+                "positive": self.inputs.prepare(positives, max_length=self.max_length)}
 
     def train_dataloader(self):
-        return DataLoader(_Batches(self, self.epoch_batches), batch_size=None)
+        state = self._consumed_state or self._resume_state or {"index": 0}
+        return DataLoader(_Batches(self, int(state["index"])), batch_size=None)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if isinstance(batch, dict) and STATE_KEY in batch:
+            batch = dict(batch)
+            self._consumed_state = batch.pop(STATE_KEY)
+        return batch
+
+    def state_dict(self) -> dict:
+        state = self._consumed_state or self._resume_state
+        return {"train": dict(state)} if state is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict.get("train")
+        if state is not None and not self.resume_stream:
+            state = None
+        if state is not None:
+            check_signature(state.get("signature"), self.stream_signature(), what="omni pair stream",
+                            option="data.init_args.resume_stream")
+        self._resume_state = self._consumed_state = state
