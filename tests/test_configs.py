@@ -12,7 +12,9 @@ ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))
 RECIPES = [p for p in ALL_YAML if p.parent.name == "recipes"]  # `bidirlm run` recipes, not fit configs
 MERGE_SPECS = [p for p in ALL_YAML if p.parent.name == "specs"]  # `bidirlm merge` specs: test_merging_configs.py
 SUITES = [p for p in ALL_YAML if p.parent.name == "compare"]  # `bidirlm compare` suites: test_evaluation_suite.py
-CONFIGS = [p for p in ALL_YAML if p not in RECIPES and p not in MERGE_SPECS and p not in SUITES]
+# `bidirlm compose` specs: top-level output + sources, no model
+COMPOSE_SPECS = [p for p in ALL_YAML if p.parent.name == "omni" and "model" not in yaml.safe_load(p.read_text())]
+CONFIGS = [p for p in ALL_YAML if p not in RECIPES + MERGE_SPECS + SUITES + COMPOSE_SPECS]
 
 
 def test_configs_are_shipped():
@@ -31,6 +33,15 @@ def test_config_parses(path, capsys):
     source = yaml.safe_load(path.read_text())
     if "model" in source:  # a stage config (not a trainer fragment): its class was resolved
         assert printed["model"]["class_path"] == source["model"]["class_path"]
+
+
+@pytest.mark.parametrize("path", COMPOSE_SPECS, ids=lambda p: p.name)
+def test_compose_spec_parses(path):
+    from bidirlm_pl.omni.compose import OmniSpec
+
+    spec = OmniSpec.load(path)
+    assert set(spec.sources) == {"text", "vision", "audio"}
+    assert all(spec.sources[r].towers for r in ("vision", "audio"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
