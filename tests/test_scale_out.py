@@ -60,9 +60,17 @@ def test_contrastive_gradcache_gathered_ddp_equals_one_process(contrastive_one_p
     assert_same_run(contrastive_one_process, ddp)
 
 
-def test_contrastive_gradcache_gathered_fsdp2_equals_one_process(contrastive_one_process, tmp_path):
-    fsdp = fit(tmp_path / "fsdp2", CONTRASTIVE, *FSDP2, *CONTRASTIVE_ARGS, devices=2)
-    assert_same_run(contrastive_one_process, fsdp)
+def test_contrastive_gradcache_gathered_fsdp2_equals_one_process(tmp_path):
+    """FSDP2 shards the trainable latent-attention pooler too; its export gathers it."""
+    from safetensors.torch import load_file
+
+    latent = ["--model.init_args.pooling", "latent_attention", "--model.init_args.latent_num_latents", "16",
+              "--model.init_args.latent_num_heads", "2"]
+    one = fit(tmp_path / "one", CONTRASTIVE, *CONTRASTIVE_ARGS, *latent)
+    fsdp = fit(tmp_path / "fsdp2", CONTRASTIVE, *FSDP2, *CONTRASTIVE_ARGS, *latent, devices=2)
+    assert_same_run(one, fsdp)
+    pooler = "latent_pooling.safetensors"
+    assert max_difference(load_file(one / "hf" / pooler), load_file(fsdp / "hf" / pooler)) <= TOL
 
 
 def test_ubmoe_stage1_ddp_equals_one_process(tmp_path):

@@ -108,8 +108,11 @@ class ContrastiveStage(BackboneStage):
         if self.attention_dropout is not None:
             set_attention_dropout(self.backbone, self.attention_dropout)
         hidden = self.backbone.config.get_text_config().hidden_size
-        self.pooler = Pooling(self.pooling_mode, hidden_size=hidden, num_latents=self.latent_num_latents,
-                              num_heads=self.latent_num_heads)
+        # a fixed seed: every process (FSDP2 shards without broadcasting) and every run start from one pooler
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.pooler = Pooling(self.pooling_mode, hidden_size=hidden, num_latents=self.latent_num_latents,
+                                  num_heads=self.latent_num_heads)
         if self.pooler.latent is not None:
             self.pooler.to(next(self.backbone.parameters()).device)
             if self.device_mesh is not None:  # FSDP2: the pooler's gradients are reduced like the backbone's
@@ -179,6 +182,16 @@ class ContrastiveStage(BackboneStage):
         return out
 
     # ------------------------------------------------------------------ export
+    def export_hf(self, target: str | Path, *, overwrite: bool = True) -> Path:
+        self._latent_state = None
+        if self.pooler is not None and self.pooler.latent is not None and self.device_mesh is not None:
+            # FSDP2 shards the latent pooler too: gather its full weights on every rank (collective)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.pooler, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            self._latent_state = {k[len("latent."):]: v for k, v in full.items() if k.startswith("latent.")}
+        return super().export_hf(target, overwrite=overwrite)
+
     def export_extra(self, folder: Path) -> None:
         """Sentence-Transformers modules (Transformer, Pooling, Normalize) and our encoder config."""
         from bidirlm_pl.encoder import write_encoder_files
@@ -187,6 +200,7 @@ class ContrastiveStage(BackboneStage):
         write_encoder_files(
             folder, hidden_size=hidden, pooling=self.pooling_mode, normalize=self.normalize,
             max_length=self.max_length, query_instruction=self.query_instruction,
-            latent_state=self.pooler.latent.state_dict() if self.pooler.latent is not None else None,
+            latent_state=(getattr(self, "_latent_state", None) or self.pooler.latent.state_dict())
+            if self.pooler.latent is not None else None,
             latent_config=self.pooler.latent.config if self.pooler.latent is not None else None,
         )
