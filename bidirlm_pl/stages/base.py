@@ -271,7 +271,13 @@ class BackboneStage(L.LightningModule):
             saved_model = BackboneSpec.of(saved).model if saved is not None else None
             check_same_model(checkpoint["state_dict"], self.state_dict(), saved_model=saved_model, model=self.model_path)
         rank = int(self.trainer.global_rank) if self._trainer is not None else 0
-        self._rng_to_restore = rng_state_for_rank(checkpoint.get(RNG_KEY), rank, self.world_size)
+        saved = checkpoint.get(RNG_KEY)
+        self._rng_to_restore = rng_state_for_rank(saved, rank, self.world_size)
+        if saved and self._rng_to_restore is None:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"the checkpoint's RNG states come from {len(saved)} processes, this run has "
+                           f"{self.world_size}: random draws (dropout) continue from fresh seeds, not exactly")
 
     def on_train_batch_start(self, batch, batch_idx):
         state = getattr(self, "_rng_to_restore", None)
