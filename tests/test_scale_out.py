@@ -79,14 +79,27 @@ def test_ubmoe_stage1_ddp_equals_one_process(tmp_path):
     assert_same_run(one, ddp)
 
 
-def test_two_nodes_on_loopback_equal_one_process(mntp_one_process, tmp_path):
-    """configs/trainer/multinode.yaml, one process per "node", rendezvous on 127.0.0.1 (as torchrun/SLURM set it)."""
+@pytest.mark.parametrize("launcher", ["env", "torchrun"])
+def test_two_nodes_on_loopback_equal_one_process(mntp_one_process, tmp_path, launcher):
+    """configs/trainer/multinode.yaml, one process per "node" on 127.0.0.1: launched with the variables a
+    cluster sets (NODE_RANK, LOCAL_RANK, MASTER_ADDR/PORT), or with torchrun's c10d rendezvous as in the README."""
     root = tmp_path / "nodes"
     cmd = fit_command(root, MNTP, "--config", "configs/trainer/multinode.yaml", *MNTP_ARGS,
                       "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true")
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
-    nodes = [subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env, "NODE_RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    port = str(free_port())
+    commands, envs = [], []
+    for rank in (0, 1):
+        if launcher == "env":
+            commands.append(cmd)
+            envs.append({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                         "NODE_RANK": str(rank)})
+        else:
+            commands.append([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                             "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                             f"127.0.0.1:{port}", "--rdzv_id", "loopback", *cmd[1:]])
+            envs.append({})
+    nodes = [subprocess.Popen(c, cwd=REPO, env={**os.environ, **e}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for c, e in zip(commands, envs)]
     for node in nodes:
         _, err = node.communicate(timeout=600)
         assert node.returncode == 0, err[-4000:]
