@@ -29,7 +29,13 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
 
-from bidirlm_pl.data.global_batches import STATE_KEY, check_signature, per_rank_batch_size, rank_rows, world_of
+from bidirlm_pl.data.global_batches import (
+    STATE_KEY,
+    check_signature,
+    per_rank_batch_size,
+    rank_rows,
+    world_of,
+)
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.omni.inputs import AUDIO_RATE, OmniInputs
 

@@ -48,18 +48,15 @@ def _load_prefixed(module: nn.Module, folder: Path, prefix: str, what: str) -> N
 class OmniEncoder(nn.Module):
     """Backbone + frozen towers + processors; ``forward(batch)`` gives (B, D) embeddings with gradients."""
 
-    def __init__(self, backbone, tokenizer, record: dict, visual=None, audio_tower=None, audio_projector=None,
-                 image_processor=None, feature_extractor=None):
+    def __init__(self, backbone, inputs: OmniInputs, record: dict, visual=None, audio_tower=None,
+                 audio_projector=None):
         super().__init__()
-        self.backbone, self.tokenizer, self.record = backbone, tokenizer, record
+        self.backbone, self.inputs, self.record = backbone, inputs, record
+        self.tokenizer, self.ids = inputs.tokenizer, inputs.ids
         self.visual, self.audio_tower, self.audio_projector = visual, audio_tower, audio_projector
-        self.image_processor, self.feature_extractor = image_processor, feature_extractor
         for tower in self.towers():
             tower.requires_grad_(False)
             tower.eval()
-        n_window = audio_tower.n_window if audio_tower is not None else None
-        self.inputs = OmniInputs(tokenizer, image_processor, feature_extractor, n_window)
-        self.ids = self.inputs.ids
 
     def towers(self) -> list[nn.Module]:
         return [m for m in (self.visual, self.audio_tower, self.audio_projector) if m is not None]
@@ -82,22 +79,20 @@ class OmniEncoder(nn.Module):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the towers' keys are "unexpected" for the text backbone: loaded below
         try:
-            backbone, tokenizer = load_backbone(folder, bidirectional=True, head="base", dtype=dtype,
+            backbone, _ = load_backbone(folder, bidirectional=True, head="base", dtype=dtype,
                                                 attn_implementation=attn_implementation)
         finally:
             hf_logging.set_verbosity(verbosity)
         parts = {}
         if "vision" in record:
             from transformers import Qwen3VLConfig
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
             from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
             config = Qwen3VLConfig(**record["vision"]["config"])
             parts["visual"] = Qwen3VLVisionModel._from_config(config.vision_config)
             _load_prefixed(parts["visual"], folder, record["vision"]["towers"][0], "vision tower")
-            parts["image_processor"] = Qwen2VLImageProcessorPil.from_pretrained(folder / record["vision"]["processor"])
         if "audio" in record:
-            from transformers import Qwen3ASRConfig, Qwen3ASRFeatureExtractor
+            from transformers import Qwen3ASRConfig
             from transformers.models.qwen3_asr.modeling_qwen3_asr import (
                 Qwen3ASREncoder,
                 Qwen3ASRMultiModalProjector,
@@ -109,12 +104,11 @@ class OmniEncoder(nn.Module):
             tower_prefix, projector_prefix = record["audio"]["towers"][:2]
             _load_prefixed(parts["audio_tower"], folder, tower_prefix, "audio tower")
             _load_prefixed(parts["audio_projector"], folder, projector_prefix, "audio projector")
-            parts["feature_extractor"] = Qwen3ASRFeatureExtractor.from_pretrained(folder / record["audio"]["processor"])
         dtype_t = next(backbone.parameters()).dtype
         for name in ("visual", "audio_tower", "audio_projector"):
             if name in parts:
                 parts[name].to(dtype_t)
-        return cls(backbone, tokenizer, record, **parts)
+        return cls(backbone, OmniInputs.from_folder(folder), record, **parts)
 
     def prepare(self, texts=None, images=None, audio=None, max_length: int = 512) -> dict:
         """Model inputs of one batch (see :class:`bidirlm_pl.omni.inputs.OmniInputs.prepare`)."""
