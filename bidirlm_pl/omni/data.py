@@ -13,9 +13,9 @@ Sources (``kind``):
   e.g. Lee first/second halves;
 * ``image_captions`` / ``audio_captions``: JSONL rows ``{"image": path, "caption": text}`` or
   ``{"audio": path.wav, "caption": text}`` (paths relative to the file; WAV read with scipy, mono, 16 kHz);
-* ``shapes`` / ``tones``: generated offline, deterministic from ``seed``: a coloured shape on a
-  plain background captioned "a red circle"; a sine tone captioned "a high short tone".
-  For smoke runs and tests, not for quality.
+* ``shapes`` / ``tones``: generated offline, every combination once (12 shapes: 4 colours x square,
+  circle, stripe; 15 tones: 5 pitches x 3 lengths): a coloured shape on a grey background captioned
+  "a red circle"; a sine tone captioned "a high short tone". For smoke runs and tests, not for quality.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ KINDS = ("text", "image_captions", "audio_captions", "shapes", "tones")
 MODALITY = {"text": "text", "image_captions": "image", "shapes": "image", "audio_captions": "audio", "tones": "audio"}
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "stripe")
-PITCHES = {"low": 220.0, "middle": 440.0, "high": 880.0}
-LENGTHS = {"short": 0.5, "long": 1.5}
+PITCHES = {"very low": 110.0, "low": 220.0, "middle": 440.0, "high": 880.0, "very high": 1760.0}
+LENGTHS = {"short": 0.5, "medium": 1.0, "long": 1.5}
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _caption_rows(src: OmniSource, media: str) -> list[tuple]:
     return rows
 
 
-def load_source(src: OmniSource, seed: int) -> list[tuple]:
+def load_source(src: OmniSource) -> list[tuple]:
     """(query, caption/positive) rows of one source; media queries are arrays."""
     if src.kind not in KINDS:
         raise BidirLMError(f"source '{src.name}' kind '{src.kind}' is not one of {list(KINDS)}")
@@ -119,14 +119,11 @@ def load_source(src: OmniSource, seed: int) -> list[tuple]:
 
         pair = PairSource(**{"name": src.name, "mode": "halves", "kind": "lee", "max_rows": src.rows, **src.pair})
         return [(r["anchor"], r["positive"]) for r in load_rows(pair)]
+    # generated sources: every combination once, so a batch never holds two rows with one caption
     if src.kind == "shapes":
-        rng = random.Random(seed)
-        return [(shape_image(c, s), f"a {c} {s}") for c, s in
-                (rng.choice([(c, s) for c in COLOURS for s in SHAPES]) for _ in range(src.rows))]
+        return [(shape_image(c, s), f"a {c} {s}") for c in COLOURS for s in SHAPES][:src.rows]
     if src.kind == "tones":
-        rng = random.Random(seed + 1)
-        return [(tone(p, n), f"a {p} {n} tone") for p, n in
-                (rng.choice([(p, n) for p in PITCHES for n in LENGTHS]) for _ in range(src.rows))]
+        return [(tone(p, n), f"a {p} {n} tone") for p in PITCHES for n in LENGTHS][:src.rows]
     return _caption_rows(src, "image" if src.kind == "image_captions" else "audio")
 
 
@@ -163,7 +160,7 @@ class OmniPairsData(L.LightningDataModule):
         sources: :class:`OmniSource` entries.
         batch_size: pairs per batch per process; ``global_batch_size`` fixes it over all processes.
         max_length: token limit of each text.
-        seed: seeds the modality draws and the generated sources.
+        seed: seeds the modality and row draws.
         resume_stream: on resume, continue the checkpoint's stream (``false``: a fresh stream).
     """
 
@@ -203,7 +200,7 @@ class OmniPairsData(L.LightningDataModule):
         if stage == "fit" and trainer is not None and trainer.max_steps in (None, -1):
             raise BidirLMError("the omni pair stream is endless: set trainer.max_steps (e.g. --trainer.max_steps 1000)")
         self.inputs = OmniInputs.from_folder(self.model)
-        self.rows = [load_source(src, self.seed) for src in self.sources]
+        self.rows = [load_source(src) for src in self.sources]
 
     def collate(self, modality: str, rows: list[tuple]) -> dict:
         queries, positives = [r[0] for r in rows], [r[1] for r in rows]
