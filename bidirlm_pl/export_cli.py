@@ -27,22 +27,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint loaded with ``weights_only=True`` (our config dataclasses allow-listed)."""
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded folder, written last
+LIGHTNING_META = "meta.pt"  # Lightning's non-tensor checkpoint entries (hyperparameters, loops, RNG)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A complete sharded (FSDP2 / DCP) checkpoint folder."""
+    return path.is_dir() and (path / DCP_METADATA).is_file()
+
+
+def safe_torch_load(path: str | Path):
+    """``torch.load(weights_only=True)`` with our config dataclasses allow-listed."""
     import torch
 
     from bidirlm_pl.backbone import BackboneSpec, LoraSpec
     from bidirlm_pl.stages.base import Schedule
 
+    with torch.serialization.safe_globals([Schedule, LoraSpec, BackboneSpec]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint (file or sharded folder) loaded with ``weights_only=True``."""
     path = Path(path)
-    if path.is_dir() and not (path / DCP_METADATA).is_file():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         raise BidirLMError(f"checkpoint '{path}' is a folder without '{DCP_METADATA}'; expected a .ckpt file or a "
                            "sharded checkpoint folder written by `bidirlm fit` (FSDP2, save_distributed_checkpoint)")
     if not path.exists():
         raise BidirLMError(f"checkpoint '{path}' does not exist; expected a .ckpt file written by `bidirlm fit`")
     try:
-        with torch.serialization.safe_globals([Schedule, LoraSpec, BackboneSpec]):
-            ckpt = _load_sharded(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _load_sharded(path) if path.is_dir() else safe_torch_load(path)
     except Exception as err:  # noqa: BLE001 - unpickling refusals and corrupt files alike
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BidirLMError(f"checkpoint '{path}' cannot be loaded safely (weights_only): {first}") from None
@@ -51,24 +65,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded folder
-LIGHTNING_META = "meta.pt"  # Lightning's non-tensor checkpoint entries (hyperparameters, loops, RNG)
-
-
 def _load_sharded(folder: Path) -> dict:
     """A sharded (DCP) Lightning checkpoint consolidated into one dict in this process."""
     import tempfile
 
-    import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp:
         consolidated = Path(tmp) / "full.pt"
         dcp_to_torch_save(folder, consolidated)
-        ckpt = torch.load(consolidated, map_location="cpu", weights_only=True)
+        ckpt = safe_torch_load(consolidated)
     meta = folder / LIGHTNING_META
     if meta.is_file():
-        ckpt.update(torch.load(meta, map_location="cpu", weights_only=True))
+        ckpt.update(safe_torch_load(meta))
     return ckpt
 
 

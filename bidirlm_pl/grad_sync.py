@@ -31,10 +31,6 @@ class ReplaySync:
         self.wanted = True
         self.active = False
 
-    @property
-    def needed(self) -> bool:
-        return self.ddp is not None or bool(self.fsdp)
-
     def begin(self) -> None:
         """Call in ``training_step`` (inside DDP's forward) before the step's loss is built."""
         if self.ddp is not None and torch.is_grad_enabled():

@@ -83,9 +83,11 @@ def latest_checkpoint(logs: Path) -> Path | None:
     """
     import zipfile
 
+    from bidirlm_pl.export_cli import is_sharded_checkpoint
+
     found = list(logs.glob("**/*.ckpt")) if logs.is_dir() else []
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-        if (path.is_file() and zipfile.is_zipfile(path)) or (path.is_dir() and (path / ".metadata").is_file()):
+        if (path.is_file() and zipfile.is_zipfile(path)) or is_sharded_checkpoint(path):
             return path
         print(f"skipping the incomplete checkpoint {path} (its write was interrupted)", flush=True)
     return None

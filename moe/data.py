@@ -88,13 +88,11 @@ class UBMoEPairsData(PairsDataModule):
                          batch_size=batch_size, max_length=max_length, num_workers=num_workers, seed=seed,
                          global_batch_size=global_batch_size, resume_stream=resume_stream)
         self.source, self.holdout = source, holdout
-        self.tokenizer = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_rows is not None:
             return
-        self.tokenizer = load_tokenizer(self.tokenizer_name)
-        self.collator = PairCollator(self.tokenizer, self.max_length)
+        self.collator = PairCollator(self._tokenizer(), self.max_length)
         train_docs, val_docs = split_documents(self.source, self.holdout)
         pairs = lambda docs: [{"anchor": d, "positive": d, "negatives": []} for d in docs]
         self.train_rows, self.val_rows = [pairs(train_docs)], [pairs(val_docs)] if len(val_docs) >= 2 else []

@@ -10,11 +10,14 @@ process holding the whole global batch.
 of processes; ``batch_size`` is then derived per process and the two must agree with the world size.
 
 A resumable stream tags each batch with the state *after* it under :data:`STATE_KEY`; the data
-module keeps the state of the batch the trainer actually consumed (see ``on_before_batch_transfer``)
-and compares a signature of the stream (sources, weights, seed, global batch...) on resume.
+module (:class:`ResumableStream`) keeps the state of the batch the trainer actually consumed (see
+``on_before_batch_transfer``), saves it in checkpoints and compares a signature of the stream
+(sources, weights, seed, global batch...) on resume.
 """
 
 from __future__ import annotations
+
+import copy
 
 from bidirlm_pl.errors import BidirLMError
 
@@ -65,3 +68,51 @@ def check_signature(saved: dict | None, current: dict, *, what: str, option: str
             f"checkpoint's data config to continue its stream exactly, or set {option}: false to keep the "
             f"trained weights and start a fresh stream"
         )
+
+
+class ResumableStream:
+    """Mixin (before ``LightningDataModule``) for data modules whose training batches carry their stream state.
+
+    The module calls :meth:`init_stream` in ``__init__``, tags each training batch with ``STATE_KEY``,
+    starts its stream from :meth:`stream_start`, and implements :meth:`stream_signature`.
+    """
+
+    stream_name = "stream"
+
+    def init_stream(self, resume_stream: bool) -> None:
+        self.resume_stream = resume_stream
+        self._resume_state: dict | None = None
+        self._consumed_state: dict | None = None
+
+    def stream_signature(self) -> dict:
+        raise NotImplementedError
+
+    def stream_start(self) -> dict | None:
+        """The state after the last consumed batch (or the checkpoint's); None at the very start."""
+        return self._consumed_state or self._resume_state
+
+    def on_stream_state(self, state: dict) -> None:
+        """Hook: a training batch with this state is about to be trained on."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if isinstance(batch, dict) and STATE_KEY in batch:
+            batch = dict(batch)
+            self._consumed_state = batch.pop(STATE_KEY)
+            self.on_stream_state(self._consumed_state)
+        return batch
+
+    def state_dict(self) -> dict:
+        state = self.stream_start()
+        return {"train": copy.deepcopy(state)} if state is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        state = state_dict.get("train")
+        if state is not None and not self.resume_stream:
+            rank_zero_info(f"data: resume_stream is false: the checkpoint's weights continue on a fresh {self.stream_name}")
+            state = None
+        if state is not None:
+            check_signature(state.get("signature"), self.stream_signature(), what=self.stream_name,
+                            option="data.init_args.resume_stream")
+        self._resume_state = self._consumed_state = state

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bidirlm_pl.data import sources as text_sources
 from bidirlm_pl.data.global_batches import (
     STATE_KEY,
-    check_signature,
+    ResumableStream,
     per_rank_batch_size,
     rank_rows,
     world_of,
@@ -338,7 +338,7 @@ class SourceBatches(IterableDataset):
             yield batch
 
 
-class PairsDataModule(L.LightningDataModule):
+class PairsDataModule(ResumableStream, L.LightningDataModule):
     """Contrastive pairs for ``ContrastiveStage``: a weighted mixture of pair/SimCSE sources.
 
     Args:
@@ -375,10 +375,9 @@ class PairsDataModule(L.LightningDataModule):
             text_sources.resolve_kind(_text_spec(src))
         self.batch_size, self.max_length = batch_size, max_length
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
-        self.global_batch_size, self.resume_stream = global_batch_size, resume_stream
+        self.global_batch_size = global_batch_size
+        self.init_stream(resume_stream)
         self.train_rows = self.val_rows = None
-        self._resume_state: dict | None = None
-        self._consumed_state: dict | None = None
         self.save_hyperparameters({"sources": [asdict(s) for s in self.sources]})
 
     def _tokenizer(self):
@@ -423,15 +422,14 @@ class PairsDataModule(L.LightningDataModule):
                 rank_zero_info(f"data: {role} source '{src.name}': mode {src.mode}, kind {kind}, {where}, "
                                f"{len(rows)} rows")
 
-    def _rank(self):
-        world, rank = world_of(self)
-        return rank, world
-
     def per_rank_batch_size(self) -> int:
         return per_rank_batch_size(self.batch_size, self.global_batch_size, world_of(self)[0])
 
+    stream_name = "pair batch stream"
+
     def stream_signature(self) -> dict:
         """What decides the batch stream: a checkpoint's stream only continues under the same values."""
+        self.setup("fit")
         return {"sources": [s.name for s in self.sources], "weights": [float(s.weight) for s in self.sources],
                 "rows": [len(r) for r in self.train_rows] if self.train_rows is not None else None,
                 "seed": self.seed, "global_batch": self.per_rank_batch_size() * world_of(self)[0]}
@@ -441,41 +439,19 @@ class PairsDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self):
-        rank, world = self._rank()
+        world, rank = world_of(self)
         per_rank = self.per_rank_batch_size()
-        start = self._consumed_state or self._resume_state or {"epoch": 0, "index": 0}
+        start = self.stream_start() or {"epoch": 0, "index": 0}
         self._train = SourceBatches(self.sources, self.train_rows, self.collator, per_rank, self.seed,
                                     shuffle=True, rank=rank, world_size=world,
                                     start=(int(start["epoch"]), int(start["index"])),
                                     signature=self.stream_signature())
         return self._loader(self._train)
 
-    def on_before_batch_transfer(self, batch, dataloader_idx):
-        if isinstance(batch, dict) and STATE_KEY in batch:
-            batch = dict(batch)
-            self._consumed_state = batch.pop(STATE_KEY)
-        return batch
-
-    def state_dict(self) -> dict:
-        state = self._consumed_state or self._resume_state
-        return {"train": dict(state)} if state is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state = state_dict.get("train")
-        if state is not None and not self.resume_stream:
-            rank_zero_info("data: resume_stream is false: the checkpoint's weights continue on a fresh batch stream")
-            state = None
-        if state is not None:
-            self.setup("fit")
-            check_signature(state.get("signature"), self.stream_signature(), what="pair batch stream",
-                            option="data.init_args.resume_stream")
-        self._resume_state = state
-        self._consumed_state = state
-
     def val_dataloader(self):
         if not self.val_rows or not any(self.val_rows):
             return []
-        rank, world = self._rank()
+        world, rank = world_of(self)
         srcs = self.val_sources or [s for s, r in zip(self.sources, self.val_rows)]
         keep = [(s, r) for s, r in zip(srcs, self.val_rows) if r]
         return self._loader(SourceBatches([s for s, _ in keep], [r for _, r in keep], self.collator,

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from bidirlm_pl.data.global_batches import (
     STATE_KEY,
-    check_signature,
+    ResumableStream,
     per_rank_batch_size,
     rank_rows,
     world_of,
@@ -86,7 +86,7 @@ def _row_to_dict(row: PackedRow) -> dict:
     return {"input_ids": row.input_ids, "lengths": row.lengths, "sources": row.sources}
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(ResumableStream, L.LightningDataModule):
     """Text for MNTP (and any packed-text stage): sources, mixture, packing, masking.
 
     Args:
@@ -135,7 +135,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
         self.global_batch_size = global_batch_size
-        self.resume_stream = resume_stream
+        self.init_stream(resume_stream)
         self.val_fraction = float(val_fraction)
         self.val_max_batches = int(val_max_batches)
         self.seed = int(seed)
@@ -150,8 +150,6 @@ class TextDataModule(L.LightningDataModule):
         self.masker: Masker | None = None
         self._train_sources: list[TextSource] = []
         self._val_batches: list[dict] = []
-        self._resume_state: dict | None = None
-        self._consumed_state: dict | None = None
         self.realised_proportions: dict = {}
         self._check_arguments()
         if tokenizer is not None:
@@ -350,7 +348,7 @@ class TextDataModule(L.LightningDataModule):
             raise BidirLMError("the text stream is endless: set trainer.max_steps (e.g. --trainer.max_steps 1000)")
 
     def train_dataloader(self):
-        return DataLoader(_Stream(lambda: self.train_batches(self._consumed_state or self._resume_state)),
+        return DataLoader(_Stream(lambda: self.train_batches(self.stream_start())),
                           batch_size=None,
                           collate_fn=_identity)
 
@@ -360,14 +358,11 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return self.val_dataloader()
 
-    def on_before_batch_transfer(self, batch, dataloader_idx):
-        if isinstance(batch, dict) and STATE_KEY in batch:
-            batch = dict(batch)
-            state = batch.pop(STATE_KEY)
-            self._consumed_state = state
-            self.realised_proportions = state["proportions"]
-            self._log_proportions(state)
-        return batch
+    stream_name = "text stream"
+
+    def on_stream_state(self, state: dict) -> None:
+        self.realised_proportions = state["proportions"]
+        self._log_proportions(state)
 
     def _log_proportions(self, state: dict) -> None:
         trainer = getattr(self, "trainer", None)
@@ -382,18 +377,3 @@ class TextDataModule(L.LightningDataModule):
             metrics[f"data/{name}/tokens"] = shares["tokens"]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-
-    def state_dict(self) -> dict:
-        state = self._consumed_state or self._resume_state
-        return {"train": copy.deepcopy(state)} if state is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state = state_dict.get("train")
-        if state is not None and not self.resume_stream:
-            rank_zero_info("data: resume_stream is false: the checkpoint's weights continue on a fresh data stream")
-            state = None
-        if state is not None:
-            check_signature(state.get("signature"), self.stream_signature(), what="text stream",
-                            option="data.init_args.resume_stream")
-        self._resume_state = state
-        self._consumed_state = state

@@ -30,6 +30,7 @@ from bidirlm_pl.omni.inputs import OMNI_CONFIG
 
 ROLES = ("text", "vision", "audio")
 PROCESSOR_DIRS = {"vision": "vision_processor", "audio": "audio_processor"}
+PROCESSOR_FILE = "preprocessor_config.json"  # Qwen3-VL's image processor, Qwen3-ASR's feature extractor
 PLACEHOLDERS = {"vision": {"image_token_id": "<|image_pad|>", "vision_start_token_id": "<|vision_start|>",
                            "vision_end_token_id": "<|vision_end|>"},
                 "audio": {"audio_token_id": "<|audio_pad|>"}}
@@ -105,8 +106,6 @@ def _placeholder_ids(role: str, config: dict, tokenizer) -> dict[str, int]:
     ids = {}
     for key, token in PLACEHOLDERS[role].items():
         value = config.get(key)
-        if value is None and role == "audio":
-            value = config.get("audio_token_id")
         if value is None:
             continue
         if tokenizer.convert_tokens_to_ids(token) != value:
@@ -120,48 +119,41 @@ def compose(spec: OmniSpec) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
     from bidirlm_pl.backbone import resolve_model_path
+    from bidirlm_pl.export import atomic_folder
     from bidirlm_pl.merging.engine import MergeSpec, merge
 
-    output = Path(spec.output).expanduser()
-    if output.exists() and not spec.overwrite:
-        raise BidirLMError(f"output folder '{output}' already exists; pass --overwrite to replace it")
     roles = [r for r in ROLES if r in spec.sources]
     folders = {r: resolve_model_path(spec.sources[r].model) for r in roles}
     towers = {r: check_towers(r, spec.sources[r], folders[r]) for r in roles if r != "text"}
-    staging = output.with_name(output.name + ".compose-staging")
-    if staging.exists():
-        shutil.rmtree(staging)
+    processors = {r: folders[r] / PROCESSOR_FILE for r in towers}
+    for role, path in processors.items():
+        if not path.is_file():
+            raise BidirLMError(f"source '{role}' ({folders[role]}) has no {PROCESSOR_FILE}: its processor is needed "
+                               "to encode its inputs")
     weights = [spec.sources[r].weight for r in roles]
     if sum(weights) <= 0:
         raise BidirLMError(f"compose weights {weights} sum to 0; give the backbones positive weights")
-    report = merge(MergeSpec(
-        models=[str(folders[r]) for r in roles], weights=weights, output=str(staging),
-        key_maps=[dict(spec.sources[r].key_map, **{"lm_head.": "lm_head."}) for r in roles],
-        config_from="0", attach=[str(i) for i, r in enumerate(roles) if r != "text"], unmatched="report",
-    ))
-    tokenizer = AutoTokenizer.from_pretrained(staging)
-    record = {"format": "bidirlm-omni", "version": 1, "modalities": roles,
-              "provenance": {"backbone": {"method": "linear", "weights": {r: w / sum(weights) for r, w in zip(roles, weights)},
-                                          "sources": {r: str(folders[r]) for r in roles},
-                                          "key_maps": {r: spec.sources[r].key_map for r in roles},
-                                          "merged_tensors": report.merged_tensors},
-                             "towers": {r: {"source": str(folders[r]), "tensors": towers[r]} for r in towers}}}
-    for role in towers:
-        config = AutoConfig.from_pretrained(folders[role]).to_dict()
-        record[role] = {"towers": spec.sources[role].towers, **_placeholder_ids(role, config, tokenizer),
-                        "config": config, "processor": PROCESSOR_DIRS[role]}
-        target = staging / PROCESSOR_DIRS[role]
-        target.mkdir()
-        for name in ("preprocessor_config.json",):
-            if (folders[role] / name).is_file():
-                shutil.copy2(folders[role] / name, target / name)
-            else:
-                raise BidirLMError(f"source '{role}' ({folders[role]}) has no {name}: its processor is needed to "
-                                   "encode its inputs")
-    (staging / OMNI_CONFIG).write_text(json.dumps(record, indent=2, default=str))
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
+    output = Path(spec.output).expanduser()
+    with atomic_folder(output, overwrite=spec.overwrite) as staging:
+        report = merge(MergeSpec(
+            models=[str(folders[r]) for r in roles], weights=weights, output=str(staging), overwrite=True,
+            key_maps=[dict(spec.sources[r].key_map, **{"lm_head.": "lm_head."}) for r in roles],
+            config_from="0", attach=[str(i) for i, r in enumerate(roles) if r != "text"], unmatched="report",
+        ))
+        tokenizer = AutoTokenizer.from_pretrained(staging)
+        record = {"format": "bidirlm-omni", "version": 1, "modalities": roles, "provenance": {
+            "backbone": {"method": "linear", "weights": {r: w / sum(weights) for r, w in zip(roles, weights)},
+                         "sources": {r: str(folders[r]) for r in roles},
+                         "key_maps": {r: spec.sources[r].key_map for r in roles},
+                         "merged_tensors": report.merged_tensors},
+            "towers": {r: {"source": str(folders[r]), "tensors": towers[r]} for r in towers}}}
+        for role in towers:
+            config = AutoConfig.from_pretrained(folders[role]).to_dict()
+            record[role] = {"towers": spec.sources[role].towers, **_placeholder_ids(role, config, tokenizer),
+                            "config": config, "processor": PROCESSOR_DIRS[role]}
+            (staging / PROCESSOR_DIRS[role]).mkdir()
+            shutil.copy2(processors[role], staging / PROCESSOR_DIRS[role] / PROCESSOR_FILE)
+        (staging / OMNI_CONFIG).write_text(json.dumps(record, indent=2, default=str))
     print(report.summary())
     print(f"composed {', '.join(roles)} -> {output}")
     return output

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from bidirlm_pl.data.global_batches import (
     STATE_KEY,
-    check_signature,
+    ResumableStream,
     per_rank_batch_size,
     rank_rows,
     world_of,
@@ -152,7 +152,7 @@ class _Batches(IterableDataset):
             yield batch
 
 
-class OmniPairsData(L.LightningDataModule):
+class OmniPairsData(ResumableStream, L.LightningDataModule):
     """Multimodal pairs, one modality per batch drawn by weight; endless (bound the run with ``max_steps``).
 
     Args:
@@ -179,13 +179,14 @@ class OmniPairsData(L.LightningDataModule):
         if batch_size < 2:
             raise BidirLMError(f"batch_size {batch_size} must be >= 2: InfoNCE needs in-batch negatives")
         self.model, self.batch_size, self.max_length, self.seed = tokenizer, batch_size, max_length, seed
-        self.global_batch_size, self.resume_stream = global_batch_size, resume_stream
+        self.global_batch_size = global_batch_size
+        self.init_stream(resume_stream)
         self.inputs = None
-        self._resume_state: dict | None = None
-        self._consumed_state: dict | None = None
 
     def per_rank_batch_size(self) -> int:
         return per_rank_batch_size(self.batch_size, self.global_batch_size, world_of(self)[0])
+
+    stream_name = "omni pair stream"
 
     def stream_signature(self) -> dict:
         return {"sources": [s.name for s in self.sources], "weights": [float(s.weight) for s in self.sources],
@@ -211,24 +212,5 @@ class OmniPairsData(L.LightningDataModule):
                 "positive": self.inputs.prepare(positives, max_length=self.max_length)}
 
     def train_dataloader(self):
-        state = self._consumed_state or self._resume_state or {"index": 0}
+        state = self.stream_start() or {"index": 0}
         return DataLoader(_Batches(self, int(state["index"])), batch_size=None)
-
-    def on_before_batch_transfer(self, batch, dataloader_idx):
-        if isinstance(batch, dict) and STATE_KEY in batch:
-            batch = dict(batch)
-            self._consumed_state = batch.pop(STATE_KEY)
-        return batch
-
-    def state_dict(self) -> dict:
-        state = self._consumed_state or self._resume_state
-        return {"train": dict(state)} if state is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state = state_dict.get("train")
-        if state is not None and not self.resume_stream:
-            state = None
-        if state is not None:
-            check_signature(state.get("signature"), self.stream_signature(), what="omni pair stream",
-                            option="data.init_args.resume_stream")
-        self._resume_state = self._consumed_state = state

@@ -11,7 +11,6 @@ Writes ``embeddings.safetensors`` (one (N, D) matrix per modality, L2-normalised
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from bidirlm_pl.errors import BidirLMError
@@ -32,11 +31,12 @@ def main(args) -> int:
     import torch
     from safetensors.torch import save_file
 
+    from bidirlm_pl.export import atomic_folder
     from bidirlm_pl.omni.data import _read_wav, shape_image, tone
     from bidirlm_pl.omni.model import OmniEncoder
 
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
+    if output.exists() and not args.overwrite:  # before any model loads
         raise BidirLMError(f"output folder '{output}' already exists; pass --overwrite to replace it")
     texts, labels = list(args.text), {"text": list(args.text), "image": [], "audio": []}
     images, clips = [], []
@@ -73,15 +73,9 @@ def main(args) -> int:
     names = [f"{m}: {label}" for m in ("text", "image", "audio") if m in embeddings for label in labels[m]]
     matrix = torch.cat([embeddings[m] for m in ("text", "image", "audio") if m in embeddings])
     cosine = (matrix @ matrix.T).tolist()
-    staging = output.with_name(output.name + ".staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in embeddings.items()}, staging / "embeddings.safetensors")
-    (staging / "similarity.json").write_text(json.dumps({"labels": names, "cosine": cosine}, indent=2))
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
+    with atomic_folder(output, overwrite=args.overwrite) as staging:
+        save_file({k: v.contiguous() for k, v in embeddings.items()}, staging / "embeddings.safetensors")
+        (staging / "similarity.json").write_text(json.dumps({"labels": names, "cosine": cosine}, indent=2))
     width = max(len(n) for n in names)
     for name, row in zip(names, cosine):
         print(f"{name:<{width}}  " + " ".join(f"{c:6.3f}" for c in row))

@@ -31,14 +31,11 @@ from bidirlm_pl.omni.inputs import OmniInputs, load_record
 
 
 def _load_prefixed(module: nn.Module, folder: Path, prefix: str, what: str) -> None:
-    from safetensors import safe_open
+    from bidirlm_pl.merging.safetensors_io import Checkpoint
 
-    state = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                if key.startswith(prefix):
-                    state[key[len(prefix):]] = handle.get_tensor(key)
+    ckpt = Checkpoint(folder)
+    state = {key[len(prefix):]: ckpt.read(key) for key in ckpt.keys() if key.startswith(prefix)}  # noqa: SIM118
+    ckpt.close()
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BidirLMError(f"{what} weights under '{prefix}' in {folder} do not fit its config: "

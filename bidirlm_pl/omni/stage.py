@@ -31,32 +31,24 @@ def save_omni(encoder, source: Path, target: str | Path, *, provenance: dict | N
     """Write ``encoder`` (trained backbone + its towers) as an omni folder, staged and renamed into place."""
     from safetensors.torch import save_file
 
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise BidirLMError(f"output folder '{target}' already exists; pass --overwrite to replace it")
+    from bidirlm_pl.export import atomic_folder
+
     record = load_record(source)
-    staging = target.with_name(target.name + ".staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json",
-                                                                   "DONE", "*.staging"))
-    state = {"model." + k: v for k, v in encoder.backbone.state_dict().items()}
-    prefixes = []
-    if encoder.visual is not None:
-        prefixes.append((record["vision"]["towers"][0], encoder.visual))
+    prefixes = [(record["vision"]["towers"][0], encoder.visual)] if encoder.visual is not None else []
     if encoder.audio_tower is not None:
         prefixes += [(record["audio"]["towers"][0], encoder.audio_tower),
                      (record["audio"]["towers"][1], encoder.audio_projector)]
+    state = {"model." + k: v for k, v in encoder.backbone.state_dict().items()}
     for prefix, module in prefixes:
         state.update({prefix + k: v for k, v in module.state_dict().items()})
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, staging / "model.safetensors",
-              metadata={"format": "pt"})
     record.setdefault("provenance", {})["training"] = provenance or {}
-    (staging / OMNI_CONFIG).write_text(json.dumps(record, indent=2, default=str))
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    return target
+    with atomic_folder(target, overwrite=overwrite) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json", "DONE"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, staging / "model.safetensors",
+                  metadata={"format": "pt"})
+        (staging / OMNI_CONFIG).write_text(json.dumps(record, indent=2, default=str))
+    return Path(target)
 
 
 class OmniContrastiveStage(BackboneStage):

@@ -229,8 +229,9 @@ class BackboneStage(L.LightningModule):
         Ranks see different numbers of masked/target tokens; without this, W processes x B rows would
         weight tokens differently from 1 process x W*B rows.
         """
-        if not (self.training and torch.is_grad_enabled() and self.world_size > 1
-                and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        from bidirlm_pl.losses import is_distributed
+
+        if not (self.training and torch.is_grad_enabled() and is_distributed()):
             return value
         total = count.detach().to(device=value.device, dtype=torch.float32).clone()
         torch.distributed.all_reduce(total)

@@ -19,13 +19,9 @@ import numpy as np
 import torch
 
 from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.losses import is_distributed
 
 RNG_KEY = "bidirlm_rng_states"
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
 
 
 def _rng_state() -> dict:
@@ -41,7 +37,7 @@ def _rng_state() -> dict:
 def collect_rng_states() -> list[dict]:
     """This process's RNG states, gathered from every rank (collective under DDP/FSDP: call on all ranks)."""
     mine = _rng_state()
-    if not _distributed():
+    if not is_distributed():
         return [mine]
     every: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, mine)
@@ -87,11 +83,13 @@ def check_same_model(saved: dict, current: dict[str, torch.Tensor], *, saved_mod
 
 def _saved_hparams(ckpt_path: Path) -> dict:
     """Hyperparameters of a Lightning checkpoint file or sharded checkpoint folder ({} if unreadable)."""
-    source = ckpt_path / "meta.pt" if ckpt_path.is_dir() else ckpt_path
+    from bidirlm_pl.export_cli import LIGHTNING_META, safe_torch_load
+
+    source = ckpt_path / LIGHTNING_META if ckpt_path.is_dir() else ckpt_path
     if not source.is_file():
         return {}
     try:
-        return dict(torch.load(source, map_location="cpu", weights_only=True).get("hyper_parameters") or {})
+        return dict(safe_torch_load(source).get("hyper_parameters") or {})
     except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by Lightning's own load
         return {}
 
