@@ -1,4 +1,4 @@
-"""load_backbone: a Hugging Face model and tokenizer from a local folder, in the attention mode asked for."""
+"""load_backbone: a Hugging Face model and tokenizer (hub id, local folder or asset), in the attention mode asked for."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ class BackboneSpec:
     (MNTP keeps the output layer, contrastive loads the bare decoder, UBMoE stage 2 runs causally...).
 
     Args:
-        model: local HF folder or offline asset name (``gemma3-270m``, ``tiny-qwen3``, ``random:qwen3-0.6b``).
+        model: a hub id (``Qwen/Qwen3-0.6B``, ``org/name@revision``), a local HF folder or an offline asset
+            name (``gemma3-270m``, ``tiny-qwen3``, ``random:qwen3-0.6b``).
         attn_implementation: eager, sdpa, flex_attention (CPU/GPU); varlen, flash_attention_2,
             flash_attention_4 (CUDA, packed rows through a FlashAttention varlen kernel).
         dtype: weights dtype at load (use the trainer's ``precision`` for mixed precision).
@@ -82,19 +83,10 @@ class BackboneSpec:
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A local model folder, or the name of an offline asset (``gemma3-270m``)."""
-    from bidirlm_pl import assets
+    """A checked local model folder for an offline asset name, a local folder or a hub id (``org/name[@rev]``)."""
+    from bidirlm_pl.hub import resolve_model_folder
 
-    if str(name_or_path) in assets.ASSETS:
-        return assets.ASSETS[str(name_or_path)]()
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise BidirLMError(
-            f"model path '{name_or_path}' does not exist; expected a local folder with config.json "
-            f"or one of the offline assets {sorted(assets.ASSETS)} (this tool never downloads from a hub)"
-        )
-    if not (path / "config.json").exists():
-        raise BidirLMError(f"model folder '{path}' has no config.json; expected a Hugging Face model folder")
+    path = resolve_model_folder(name_or_path)
     check_config(path)
     check_weights(path)
     return path
@@ -133,7 +125,7 @@ def load_backbone(
     lora: LoraSpec | None = None,
     trust_remote_code: bool = False,
 ):
-    """Load a Qwen3, Gemma3 or Llama checkpoint from a local folder; return ``(model, tokenizer)``.
+    """Load a Qwen3, Gemma3 or Llama checkpoint (hub id, folder or asset); return ``(model, tokenizer)``.
 
     ``head="causal_lm"`` keeps the output layer (MNTP, generation); ``"base"`` loads the bare
     decoder (embeddings). ``bidirectional`` sets the default attention mode; any call can still

@@ -128,10 +128,11 @@ def ubmoe_ffns(model: nn.Module) -> list[UniBiFFN]:
 def ubmoe_record(model: str | Path) -> dict | None:
     """The ``ubmoe`` entry of a model folder's config.json (None for plain models and assets)."""
     from bidirlm_pl import assets
+    from bidirlm_pl.hub import is_hub_id, resolve_model_folder
 
     if str(model) in assets.ASSETS:
         return None
-    config = Path(model).expanduser() / "config.json"
+    config = (resolve_model_folder(model) if is_hub_id(model) else Path(model).expanduser()) / "config.json"
     return json.loads(config.read_text()).get("ubmoe") if config.is_file() else None
 
 

@@ -3,7 +3,7 @@
 Each :class:`PairSource` yields rows ``{"anchor", "positive", "negatives"}``:
 
 * ``mode: pairs`` reads JSONL, parquet, a saved ``datasets`` folder or ``datasets.load_dataset``
-  (local builders / cached datasets only); fields are named by ``anchor_field``, ``positive_field``
+  (local builders, or hub ids such as ``sentence-transformers/all-nli``, online or cached); fields are named by ``anchor_field``, ``positive_field``
   and ``negatives_field`` (a list of strings, or one string per row).
 * ``mode: simcse`` reads raw documents (any kind of :mod:`bidirlm_pl.data.sources`: txt, JSONL,
   parquet, datasets, Lee) and uses each text as its own positive; dropout is the only noise, so set
@@ -45,6 +45,7 @@ from bidirlm_pl.data.global_batches import (
     world_of,
 )
 from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.hub import load_dataset
 
 MODES = ("pairs", "simcse", "halves")
 
@@ -122,7 +123,8 @@ def _pair_table(src: PairSource):
         elif kind == "disk":
             table = datasets.load_from_disk(str(src.path))
         elif kind == "hf":
-            table = datasets.load_dataset(src.dataset, name=src.config, split=src.split, data_files=src.data_files)
+            table = load_dataset(src.dataset, name=src.config, split=src.split, data_files=src.data_files,
+                                 what=f"source '{src.name}': dataset '{src.dataset}'")
         else:
             raise BidirLMError(f"source '{src.name}': mode 'pairs' reads jsonl, parquet, disk or hf, not '{kind}'")
     except BidirLMError:

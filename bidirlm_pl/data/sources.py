@@ -18,8 +18,9 @@ Kinds (``kind="auto"`` infers one from ``path``):
 * ``disk``: a folder written by ``datasets.Dataset.save_pretrained`` / ``save_to_disk``
   (``load_from_disk``; a ``DatasetDict`` takes ``split``).
 * ``hf``: ``datasets.load_dataset(dataset, name=config, split=split, data_files=..., streaming=...)``;
-  ``dataset`` is a local folder or builder name (``json``, ``parquet``, ``text``, ``csv``) or a hub id
-  already in the local cache (this project never downloads; set ``HF_HUB_OFFLINE=1``).
+  ``dataset`` is a local folder, a builder name (``json``, ``parquet``, ``text``, ``csv``) or a hub id
+  (``org/name`` or ``org/name@revision``): downloaded or streamed into the Hugging Face cache, or read from
+  it with ``HF_HUB_OFFLINE=1`` (including a snapshot fetched with ``hf download --repo-type dataset``).
 * ``lee`` / ``lee_documents``: the Lee news corpus shipped in the gensim wheel (300 / 50 documents).
 
 ``streaming: true`` (jsonl, parquet, hf) reads documents lazily; such a source only supports
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.hub import load_dataset
 
 KINDS = ("auto", "text", "jsonl", "parquet", "disk", "hf", "lee", "lee_documents")
 TEXT_UNITS = ("line", "paragraph", "file")
@@ -326,12 +328,8 @@ def open_source(spec: SourceSpec) -> TextSource:
     # kind == "hf"
     if spec.dataset is None:
         raise BidirLMError(f"source '{spec.name}' (kind hf) needs 'dataset'")
-    try:
-        loaded = datasets.load_dataset(spec.dataset, name=spec.config, split=spec.split,
-                                       data_files=spec.data_files, streaming=spec.streaming)
-    except Exception as err:  # noqa: BLE001 -- any loader failure becomes one line naming the source
-        raise BidirLMError(f"source '{spec.name}': cannot load dataset '{spec.dataset}': "
-                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    loaded = load_dataset(spec.dataset, name=spec.config, split=spec.split, data_files=spec.data_files,
+                          streaming=spec.streaming, what=f"source '{spec.name}': dataset '{spec.dataset}'")
     return _from_datasets(spec, loaded)
 
 

@@ -54,19 +54,11 @@ def parse_size(size: int | str) -> int:
 
 
 def resolve_folder(name_or_path: str | Path) -> Path:
-    """A local model folder or an offline asset name (as ``backbone.resolve_model_path``, without importing
-    transformers, which would cost seconds and hundreds of MB in a merge process)."""
-    from bidirlm_pl import assets
+    """A local model folder for an asset name, a local folder or a hub id (as ``backbone.resolve_model_path``,
+    without importing transformers, which would cost seconds and hundreds of MB in a merge process)."""
+    from bidirlm_pl.hub import resolve_model_folder
 
-    if str(name_or_path) in assets.ASSETS:
-        return assets.ASSETS[str(name_or_path)]()
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise BidirLMError(f"model folder '{name_or_path}' does not exist; expected a local Hugging Face folder "
-                           f"or one of the offline assets {sorted(assets.ASSETS)}")
-    if not (path / "config.json").exists():
-        raise BidirLMError(f"model folder '{path}' has no config.json; expected a Hugging Face model folder")
-    return path
+    return resolve_model_folder(name_or_path)
 
 
 @dataclass(frozen=True)

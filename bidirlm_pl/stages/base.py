@@ -61,13 +61,11 @@ def default_optimizer(params):
 
 
 def _check_model_reference(model: str) -> None:
-    """Fail at config time, before any training, on a model that is neither a folder nor an asset."""
-    from bidirlm_pl import assets
+    """Fail at config time, before any training, on a model that is not a folder, an asset or a hub id
+    (a hub id is fetched into the Hugging Face cache here, or found there when offline)."""
+    from bidirlm_pl.hub import resolve_model_folder
 
-    if model not in assets.ASSETS and not Path(model).expanduser().is_dir():
-        raise BidirLMError(
-            f"model '{model}' is neither a local model folder nor an offline asset {sorted(assets.ASSETS)}"
-        )
+    resolve_model_folder(model)
 
 
 def compile_layers(model: torch.nn.Module) -> int:
