@@ -79,3 +79,37 @@ def test_gpu_config_resolves_for_one_device(path, capsys):
     # the FlashAttention kernels take no attention dropout; a varlen config must not ask for it
     if backbone["attn_implementation"] == "torch_varlen":
         assert not printed["model"]["init_args"].get("attention_dropout")
+
+
+def test_no_placeholder_paths_in_configs():
+    offenders = [str(p.relative_to(ROOT)) for p in ALL_YAML if "/path/to" in p.read_text()]
+    assert not offenders, offenders
+
+
+def _sources(printed: dict) -> list[dict]:
+    args = printed["data"]["init_args"]
+    found = list(args.get("sources") or []) + ([args["source"]] if args.get("source") else [])
+    media = ("image_captions", "audio_captions")  # local files: no hub reader for captioned media yet
+    return [s.get("pair") or s for s in found if s.get("kind") not in media]
+
+
+@pytest.mark.parametrize("path", GPU_STAGE_CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_gpu_config_names_hub_models_and_datasets(path, capsys):
+    """A GPU config runs as given where there is network: a hub model (or an earlier stage's export under
+    runs/) and training data from hub datasets (the omni stage's image/audio captions excepted)."""
+    from bidirlm_pl.hub import split_hub_id
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(path), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]["init_args"]["backbone"]["model"]
+    assert split_hub_id(model) or model.startswith("runs/"), model
+    for source in _sources(printed):
+        assert source.get("path") is None, source
+        assert split_hub_id(source["dataset"]), source
+
+
+def test_gpu_configs_cover_hub_models():
+    named = " ".join(p.read_text() for p in GPU_STAGE_CONFIGS)
+    for model in ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "google/gemma-3-1b-pt"):
+        assert model in named, model
