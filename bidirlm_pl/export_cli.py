@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Lightning checkpoint (.ckpt file, or sharded checkpoint folder) written by `bidirlm fit`")
     parser.add_argument("--output", required=True, help="target folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
+                        help="also upload the folder to this hub repo (created when missing; token: HF_TOKEN)")
+    parser.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
 
 
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded folder, written last
@@ -119,11 +122,21 @@ def export_checkpoint(ckpt_path: str | Path, output: str | Path, *, overwrite: b
     output = Path(output)
     if output.exists() and not overwrite:
         raise BidirLMError(f"output folder '{output}' already exists; pass --overwrite to replace it")
-    stage = stage_from_checkpoint(load_checkpoint(ckpt_path))
+    ckpt = load_checkpoint(ckpt_path)
+    stage = stage_from_checkpoint(ckpt)
+    # what the model card records when no trainer is attached: the checkpoint's step and data sources
+    stage.card_steps = ckpt.get("global_step")
+    stage.card_sources = (ckpt.get("datamodule_hyper_parameters") or {}).get("sources")
     return stage.export_hf(output, overwrite=overwrite)
 
 
 def main(args: argparse.Namespace) -> int:
+    from bidirlm_pl.hub import push_folder, split_hub_id
+
+    if args.push_to_hub is not None and (split_hub_id(args.push_to_hub) is None or "@" in args.push_to_hub):
+        raise BidirLMError(f"--push-to-hub '{args.push_to_hub}' is not a hub repo id; expected 'org/name'")
     folder = export_checkpoint(args.ckpt, args.output, overwrite=args.overwrite)
     print(f"exported {args.ckpt} -> {folder}")
+    if args.push_to_hub is not None:
+        print(f"pushed {folder} -> {push_folder(folder, args.push_to_hub, private=args.private)}")
     return 0

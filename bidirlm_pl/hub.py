@@ -195,3 +195,25 @@ def _dataset_error(err: Exception, repo_id: str, what: str) -> BidirLMError:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, message: str | None = None) -> str:
+    """Upload a finished model folder to the hub repo ``repo_id`` (created when missing); return its URL.
+
+    The token comes from ``HF_TOKEN`` or ``hf auth login``, as for every Hugging Face tool.
+    """
+    from huggingface_hub import HfApi
+
+    if split_hub_id(repo_id) is None or "@" in repo_id:
+        raise BidirLMError(f"push target '{repo_id}' is not a hub repo id; expected 'org/name'")
+    if offline():
+        raise BidirLMError(f"cannot push to '{repo_id}' with HF_HUB_OFFLINE=1; push from a machine with network: "
+                           f"hf upload {repo_id} {folder}")
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                          commit_message=message or f"bidirlm-pl export of {Path(folder).name}")
+    except Exception as err:  # noqa: BLE001 -- one line naming the repo
+        raise hub_error(err, repo_id, what=f"push to '{repo_id}'") from err
+    return f"{api.endpoint}/{repo_id}"

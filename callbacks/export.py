@@ -14,11 +14,21 @@ class HFExport(L.Callback):
     Args:
         dirpath: target folder; ``every_n_steps`` exports go to ``<dirpath>/step-<N>``.
         every_n_steps: also export every N optimizer steps (0 = only at the end).
+        push_to_hub: upload the final export to this hub repo (``org/name``, created when missing; the token
+            comes from ``HF_TOKEN`` or ``hf auth login``).
+        private: create the ``push_to_hub`` repo as private.
     """
 
-    def __init__(self, dirpath: str | None = None, every_n_steps: int = 0):
+    def __init__(self, dirpath: str | None = None, every_n_steps: int = 0, push_to_hub: str | None = None,
+                 private: bool = False):
+        from bidirlm_pl.errors import BidirLMError
+        from bidirlm_pl.hub import split_hub_id
+
+        if push_to_hub is not None and (split_hub_id(push_to_hub) is None or "@" in push_to_hub):
+            raise BidirLMError(f"HFExport push_to_hub '{push_to_hub}' is not a hub repo id; expected 'org/name'")
         self.dirpath = dirpath
         self.every_n_steps = every_n_steps
+        self.push_to_hub, self.private = push_to_hub, private
         self.last_export: Path | None = None
         self._last_step: int | None = None
 
@@ -42,4 +52,9 @@ class HFExport(L.Callback):
             self._export(trainer, pl_module, self._root(trainer) / f"step-{step}")
 
     def on_fit_end(self, trainer, pl_module):
-        self._export(trainer, pl_module, self._root(trainer))
+        target = self._root(trainer)
+        self._export(trainer, pl_module, target)
+        if self.push_to_hub is not None and trainer.is_global_zero:
+            from bidirlm_pl.hub import push_folder
+
+            rank_zero_info(f"pushed {target} -> {push_folder(target, self.push_to_hub, private=self.private)}")

@@ -75,6 +75,8 @@ class _UBMoEStage(BackboneStage):
 
     fixed_head = "causal_lm"  # stage 2's loss and generation need the output layer
 
+    card_loader = "ubmoe"
+
     def default_trainable(self) -> list[str]:
         return list(self.default_groups)
 

@@ -19,7 +19,10 @@ from urllib.parse import parse_qs, unquote, urlparse
 class HubStandIn:
     """``with HubStandIn() as hub: hub.add("org/name", folder); env HF_ENDPOINT=hub.url``."""
 
-    def __init__(self):
+    def __init__(self, upload_root: Path | None = None):
+        import tempfile
+
+        self.upload_root = Path(upload_root or tempfile.mkdtemp(prefix="hub-uploads-"))
         self.repos: dict[tuple[str, str], Path] = {}
         self.gated: set[tuple[str, str]] = set()
         self.requests: list[str] = []
@@ -60,9 +63,25 @@ def _handler(hub: HubStandIn):
             self._serve(body=True)
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length).decode()
+            raw = self._body().decode()
             self._serve(body=True, form=raw)
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                data = b""
+                while True:
+                    size = int(self.rfile.readline().strip(), 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return data
+                    data += self.rfile.read(size)
+                    self.rfile.readline()
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.headers.get("Content-Encoding") == "gzip":
+                import gzip
+
+                raw = gzip.decompress(raw)
+            return raw
 
         def _send(self, status: int, payload=None, headers: dict | None = None, body: bool = True, data=None):
             if data is None:
@@ -101,6 +120,28 @@ def _handler(hub: HubStandIn):
             url = urlparse(self.path)
             parts = [unquote(p) for p in url.path.strip("/").split("/")]
             query = parse_qs(url.query)
+            if url.path == "/api/validate-yaml":  # the card's YAML header: parse it as the hub does
+                import yaml
+
+                content = json.loads(form or "{}").get("content", "")
+                header = content.split("---")[1] if content.startswith("---") else ""
+                try:
+                    yaml.safe_load(header)
+                    self._send(200, {"errors": [], "warnings": []}, body=body)
+                except yaml.YAMLError as err:
+                    self._send(400, {"errors": [{"message": str(err)}]}, body=body)
+                return
+            if url.path == "/api/repos/create":
+                request = json.loads(form or "{}")
+                repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") \
+                    else request["name"]
+                hub.requests.append(f"CREATE {repo_id}")
+                key = (request.get("type") or "model", repo_id)
+                if key not in hub.repos:
+                    hub.repos[key] = hub.upload_root / repo_id.replace("/", "--")
+                    hub.repos[key].mkdir(parents=True, exist_ok=True)
+                self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id}, body=body)
+                return
             if parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets"):
                 self._api(parts[1][:-1], f"{parts[2]}/{parts[3]}", parts[4:], query, body, form)
                 return
@@ -135,6 +176,22 @@ def _handler(hub: HubStandIn):
                 items = base.rglob("*") if recursive else base.iterdir()
                 entries = [self._entry(repo_type, repo_id, str(p.relative_to(root))) for p in sorted(items)]
                 self._send(200, entries, body=body)
+            elif rest[0] == "preupload":
+                files = json.loads(form or "{}").get("files", [])
+                self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                            "oid": None} for f in files]}, body=body)
+            elif rest[0] == "commit":
+                import base64
+
+                for line in (form or "").splitlines():
+                    item = json.loads(line)
+                    if item.get("key") == "file":
+                        target = root / item["value"]["path"]
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(base64.b64decode(item["value"]["content"]))
+                hub.requests.append(f"COMMIT {repo_id}")
+                self._send(200, {"commitOid": sha, "commitUrl": f"{hub.url}/{repo_id}/commit/{sha}",
+                                 "pullRequestUrl": None}, body=body)
             elif rest[0] == "paths-info":
                 wanted = parse_qs(form or "").get("paths", [])
                 if not wanted and form and form.startswith("{"):

@@ -187,3 +187,47 @@ def test_hub_dataset_yields_mntp_batches_offline_from_a_downloaded_snapshot(hub_
     assert last_line(missing).endswith(
         "source 'docs': dataset 'acme/other-docs' is not in the Hugging Face cache and HF_HUB_OFFLINE=1; "
         "fetch it where there is network: hf download --repo-type dataset acme/other-docs")
+
+
+def test_export_pushes_to_the_hub_with_a_model_card(tmp_path):
+    offline_env = environment(tmp_path / "hf-home", UNREACHABLE, offline=True)
+    fit = bidirlm("fit", "--config", str(REPO / "configs/mntp/tiny.yaml"), "--trainer.max_steps", "2",
+                  "--trainer.val_check_interval", "2", env=offline_env, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = sorted((tmp_path / "runs").rglob("*.ckpt"))[-1]
+    with HubStandIn(tmp_path / "uploads") as hub:
+        env = {**environment(tmp_path / "hf-home", hub.url, offline=False), "HF_TOKEN": "hf_test"}
+        pushed = bidirlm("export", "--ckpt", str(ckpt), "--output", str(tmp_path / "encoder"),
+                         "--push-to-hub", "acme/pushed", env=env, cwd=tmp_path)
+        assert pushed.returncode == 0, pushed.stderr[-3000:]
+        assert "CREATE acme/pushed" in hub.requests and "COMMIT acme/pushed" in hub.requests
+        fetched = run([sys.executable, "-c", "import sys; from bidirlm_pl.hub import resolve_model_folder as r; "
+                       "print(r(sys.argv[1]))", "acme/pushed"], env, tmp_path)
+        assert fetched.returncode == 0, fetched.stderr[-2000:]
+    remote = Path(fetched.stdout.strip().splitlines()[-1])
+    for name in ("model.safetensors", "config.json", "README.md"):
+        assert (remote / name).read_bytes() == (tmp_path / "encoder" / name).read_bytes(), name
+    card = (tmp_path / "encoder" / "README.md").read_text()
+    assert "MNTPStage" in card and "from `tiny-qwen3`, 2 steps" in card and "AutoModel.from_pretrained" in card
+    bad = bidirlm("export", "--ckpt", str(ckpt), "--output", str(tmp_path / "x"), "--push-to-hub", "not-an-id",
+                  env=offline_env, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert last_line(bad) == "bidirlm: error: --push-to-hub 'not-an-id' is not a hub repo id; expected 'org/name'"
+    assert not (tmp_path / "x").exists()
+
+
+def test_model_card_inherits_the_stages_of_its_base(tmp_path):
+    from bidirlm_pl.model_card import stage_history, write_model_card
+
+    first, second = tmp_path / "mntp", tmp_path / "contrastive"
+    first.mkdir(), second.mkdir()
+    write_model_card(first, name="mntp", model="Qwen/Qwen3-0.6B", model_folder=None, stage="MNTPStage", steps=1000,
+                     data=[{"name": "english", "dataset": "HuggingFaceFW/fineweb-edu"}], encoder=False)
+    write_model_card(second, name="contrastive", model=str(first), model_folder=first, stage="ContrastiveStage",
+                     steps=500, data=[{"name": "nli", "dataset": "sentence-transformers/all-nli"}], encoder=True)
+    history = stage_history(second)
+    assert [h["stage"] for h in history] == ["MNTPStage", "ContrastiveStage"]
+    card = (second / "README.md").read_text()
+    assert "base_model: Qwen/Qwen3-0.6B" in card and "library_name: sentence-transformers" in card
+    assert "1. `MNTPStage` from `Qwen/Qwen3-0.6B`, 1000 steps; data: HuggingFaceFW/fineweb-edu" in card
+    assert 'SentenceTransformer("contrastive")' in card

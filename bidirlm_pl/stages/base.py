@@ -318,6 +318,43 @@ class BackboneStage(L.LightningModule):
         """
         state = self.full_state_dict()
         if self._trainer is None or self.trainer.is_global_zero:
-            save_hf_folder(self.backbone, self.tokenizer, target, overwrite=overwrite, extra=self.export_extra,
+            self._export_name = Path(target).name
+            save_hf_folder(self.backbone, self.tokenizer, target, overwrite=overwrite, extra=self._export_files,
                            state_dict=state)
         return Path(target)
+
+    card_loader = "transformers"  # how the card says to load the export (UBMoE: "ubmoe")
+
+    def _export_files(self, folder: Path) -> None:
+        from bidirlm_pl.hub import resolve_model_folder
+        from bidirlm_pl.model_card import write_model_card
+
+        self.export_extra(folder)
+        trainer = self._trainer
+        if trainer is not None:
+            steps, sources = int(trainer.global_step), data_sources(getattr(trainer, "datamodule", None))
+        else:  # exported from a checkpoint: bidirlm export sets what the checkpoint recorded
+            steps, sources = getattr(self, "card_steps", None), data_sources(getattr(self, "card_sources", None))
+        write_model_card(
+            folder, name=self._export_name, model=self.model_path, model_folder=resolve_model_folder(self.model_path),
+            stage=type(self).__name__, steps=steps, data=sources, encoder=(folder / "modules.json").is_file(),
+            loader=self.card_loader)
+
+
+def data_sources(datamodule) -> list[dict]:
+    """The named sources of a data module (or a list of source dicts), as plain dicts of where they read from."""
+    from dataclasses import asdict, is_dataclass
+
+    if isinstance(datamodule, list | tuple):
+        specs = datamodule
+    else:
+        specs = (getattr(datamodule, "source_specs", None) or getattr(datamodule, "sources", None)
+                 or getattr(datamodule, "source", None) or [])
+    if not isinstance(specs, list | tuple):
+        specs = [specs]
+    out = []
+    for spec in specs:
+        fields = asdict(spec) if is_dataclass(spec) else dict(spec) if isinstance(spec, dict) else {}
+        out.append({k: fields[k] for k in ("name", "kind", "dataset", "config", "path", "weight")
+                    if fields.get(k) not in (None, "auto")})
+    return out
