@@ -48,7 +48,7 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def resolve_model_folder(reference: str | Path) -> Path:
+def resolve_model_folder(reference: str | Path, *, what: str = "model path") -> Path:
     """The local folder of an offline asset name, a local folder, or a hub id (downloaded into the cache).
 
     Raises a one-line :class:`BidirLMError` for a reference that is none of them.
@@ -64,10 +64,8 @@ def resolve_model_folder(reference: str | Path) -> Path:
             raise BidirLMError(f"model folder '{path}' has no config.json; expected a Hugging Face model folder")
         return path
     if split_hub_id(name) is None:
-        raise BidirLMError(
-            f"model '{name}' is not a local folder, an offline asset (`bidirlm assets list`) or a hub id "
-            "'org/name[@revision]'"
-        )
+        raise BidirLMError(f"{what} '{name}' does not exist; expected a local folder with config.json, an offline "
+                           "asset (`bidirlm assets list`) or a hub id 'org/name[@revision]'")
     folder = download_model(name)
     if not (folder / "config.json").exists():
         raise BidirLMError(f"hub repo '{name}' has no config.json; expected a transformers model repo")

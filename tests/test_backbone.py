@@ -43,7 +43,7 @@ def test_missing_optional_extra_message(monkeypatch):
 def test_stage_rejects_missing_model_before_training(tmp_path):
     from bidirlm_pl.stages.base import BackboneStage
 
-    with pytest.raises(BidirLMError, match="neither a local model folder nor an offline asset"):
+    with pytest.raises(BidirLMError, match="does not exist; expected a local folder with config.json, an offline asset"):
         BackboneStage(backbone={"model": str(tmp_path / "nope")})
 
 

@@ -58,7 +58,7 @@ def resolve_folder(name_or_path: str | Path) -> Path:
     without importing transformers, which would cost seconds and hundreds of MB in a merge process)."""
     from bidirlm_pl.hub import resolve_model_folder
 
-    return resolve_model_folder(name_or_path)
+    return resolve_model_folder(name_or_path, what="model folder")
 
 
 @dataclass(frozen=True)
