@@ -212,6 +212,6 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, mess
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder),
                           commit_message=message or f"bidirlm-pl export of {Path(folder).name}")
-    except Exception as err:  # noqa: BLE001 -- one line naming the repo
+    except Exception as err:
         raise hub_error(err, repo_id, what=f"push to '{repo_id}'") from err
     return f"{api.endpoint}/{repo_id}"

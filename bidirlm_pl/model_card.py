@@ -44,9 +44,9 @@ def write_model_card(folder: Path, *, name: str, model: str, model_folder: Path 
         tags=["bidirlm-pl", "bidirectional", *(["sentence-transformers"] if encoder else [])],
         bidirlm_stages=history,
     )
-    lines = [f"# {name}", "",
-             f"Trained with bidirlm-pl from `{origin}`: the base decoder with bidirectional "
-             "attention (`\"is_causal\": false` in `config.json`), adapted by these stages:", ""]
+    intro = (f"Trained with bidirlm-pl from `{origin}`: the base decoder with bidirectional attention "
+             "(`\"is_causal\": false` in `config.json`), adapted by these stages:")
+    lines = [f"# {name}", "", intro, ""]
     for i, step in enumerate(history, 1):
         sources = ", ".join(d.get("dataset") or d.get("path") or d.get("kind") or d.get("name", "?")
                             for d in step["data"]) or "n/a"

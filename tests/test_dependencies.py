@@ -7,9 +7,10 @@ import of a package that only arrived as someone else's dependency (matplotlib, 
 import ast
 import re
 import sys
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bidirlm_pl", "moe", "callbacks")

@@ -13,18 +13,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from hub_standin import HubStandIn
 from safetensors.torch import load_file
 
 from bidirlm_pl.hub import split_hub_id
-from hub_standin import HubStandIn
 
 REPO = Path(__file__).resolve().parents[1]
 HF = str(Path(sys.executable).with_name("hf"))
 UNREACHABLE = "http://127.0.0.1:9"
+RESOLVE = "import sys; from bidirlm_pl.hub import resolve_model_folder as r; print(r(sys.argv[1]))"
 
 
 def run(args, env, cwd, timeout=600):
-    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def bidirlm(*args, env, cwd):
@@ -81,8 +82,7 @@ def hub_cache(tmp_path_factory, tiny_qwen3):
         hub.add("acme/gated-docs", docs_repo(root / "repo-gated-docs"), repo_type="dataset", gated=True)
         online = environment(home, hub.url, offline=False)
         # Our resolver fetches the model online (configs, tokenizer, safetensors only) ...
-        fetched = run([sys.executable, "-c", "import sys; from bidirlm_pl.hub import resolve_model_folder as r; "
-                       "print(r(sys.argv[1]))", "acme/tiny-qwen3"], online, root)
+        fetched = run([sys.executable, "-c", RESOLVE, "acme/tiny-qwen3"], online, root)
         assert fetched.returncode == 0, fetched.stderr[-2000:]
         # ... and the dataset is fetched with the hub's own CLI, as on a login node.
         got = run([HF, "download", "--repo-type", "dataset", "acme/docs"], online, root)
@@ -194,15 +194,14 @@ def test_export_pushes_to_the_hub_with_a_model_card(tmp_path):
     fit = bidirlm("fit", "--config", str(REPO / "configs/mntp/tiny.yaml"), "--trainer.max_steps", "2",
                   "--trainer.val_check_interval", "2", env=offline_env, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    ckpt = sorted((tmp_path / "runs").rglob("*.ckpt"))[-1]
+    ckpt = max((tmp_path / "runs").rglob("*.ckpt"))
     with HubStandIn(tmp_path / "uploads") as hub:
         env = {**environment(tmp_path / "hf-home", hub.url, offline=False), "HF_TOKEN": "hf_test"}
         pushed = bidirlm("export", "--ckpt", str(ckpt), "--output", str(tmp_path / "encoder"),
                          "--push-to-hub", "acme/pushed", env=env, cwd=tmp_path)
         assert pushed.returncode == 0, pushed.stderr[-3000:]
         assert "CREATE acme/pushed" in hub.requests and "COMMIT acme/pushed" in hub.requests
-        fetched = run([sys.executable, "-c", "import sys; from bidirlm_pl.hub import resolve_model_folder as r; "
-                       "print(r(sys.argv[1]))", "acme/pushed"], env, tmp_path)
+        fetched = run([sys.executable, "-c", RESOLVE, "acme/pushed"], env, tmp_path)
         assert fetched.returncode == 0, fetched.stderr[-2000:]
     remote = Path(fetched.stdout.strip().splitlines()[-1])
     for name in ("model.safetensors", "config.json", "README.md"):
