@@ -57,7 +57,9 @@ class ContrastiveStage(BackboneStage):
         temperature: InfoNCE temperature (> 0).
         symmetric: add the positive -> query direction.
         false_negative_margin: mask negatives scoring above the positive by more than this (None = off).
-        gather_across_devices: under DDP, every rank's candidates join the denominator (with gradients).
+        gather_across_devices: under DDP/FSDP, every rank's candidates join the denominator (with gradients), so
+            N processes x B rows train as one process x N*B (the default; false keeps per-process negatives,
+            which changes the result with the process count).
         gradcache_chunk_size: embed in chunks of this many rows (GradCache); None embeds the batch at once.
         attention_dropout: dropout on attention weights during training (SimCSE noise; None keeps the model's).
         latent_num_latents, latent_num_heads: size of the latent-attention pooler.
@@ -77,7 +79,7 @@ class ContrastiveStage(BackboneStage):
         temperature: float = 0.05,
         symmetric: bool = False,
         false_negative_margin: float | None = None,
-        gather_across_devices: bool = False,
+        gather_across_devices: bool = True,
         gradcache_chunk_size: int | None = None,
         attention_dropout: float | None = None,
         latent_num_latents: int = 512,
