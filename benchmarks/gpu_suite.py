@@ -428,8 +428,9 @@ def run_all(args) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# GPU suite ({'tiny models' if report['tiny'] else 'random weights of the real configs'}, "
-             f"{report['device']})", "", "| section | status | seconds | environment | result |", "|---|---|---:|---|---|"]
+    models = "tiny models" if report["tiny"] else "random weights of the real configs"
+    lines = [f"# GPU suite ({models}, {report['device']})", "", "| section | status | seconds | environment | result |",
+             "|---|---|---:|---|---|"]
     for section in report["sections"]:
         env = section.get("environment", {})
         env_text = (f"{env.get('device', '?')}; torch {env.get('torch', '?')}; transformers "

@@ -12,9 +12,10 @@ ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))
 RECIPES = [p for p in ALL_YAML if p.parent.name == "recipes"]  # `bidirlm run` recipes, not fit configs
 MERGE_SPECS = [p for p in ALL_YAML if p.parent.name == "specs"]  # `bidirlm merge` specs: test_merging_configs.py
 SUITES = [p for p in ALL_YAML if p.parent.name == "compare"]  # `bidirlm compare` suites: test_evaluation_suite.py
+LM_EVAL_TASKS = [p for p in ALL_YAML if p.parent.name == "harness"]  # local lm-eval task YAMLs: test_harness.py
 # `bidirlm compose` specs: top-level output + sources, no model
 COMPOSE_SPECS = [p for p in ALL_YAML if p.parent.name == "omni" and "model" not in yaml.safe_load(p.read_text())]
-CONFIGS = [p for p in ALL_YAML if p not in RECIPES + MERGE_SPECS + SUITES + COMPOSE_SPECS]
+CONFIGS = [p for p in ALL_YAML if p not in RECIPES + MERGE_SPECS + SUITES + COMPOSE_SPECS + LM_EVAL_TASKS]
 
 
 def test_configs_are_shipped():

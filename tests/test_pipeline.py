@@ -164,3 +164,30 @@ def test_a_recipe_cannot_write_outside_its_output_folder(stage, tmp_path):
     with pytest.raises(BidirLMError, match=r"writes to '.*' .*outside the recipe's output folder"):
         run_recipe(path)
     assert not Path("/tmp/elsewhere").exists()
+
+
+@pytest.mark.parametrize("name", ["bidirlm-gemma3-270m-tiny", "ubmoe-qwen3-0.6b-tiny"])
+def test_paper_recipe_tiny_twins_run_with_the_harness_suite(name, tmp_path, monkeypatch):
+    """The paper-scale recipes' offline twins: same stages, compared through MTEB and lm-eval on local tasks."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _absolute(yaml.safe_load((REPO / f"configs/recipes/{name}.yaml").read_text()))
+    recipe["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    outputs = run_recipe(path)
+    report = json.loads((Path(outputs["compare"]) / "report.json").read_text())
+    rows = {r["name"]: r["results"] for r in report["models"]}
+    for results in rows.values():
+        assert results["lm-eval-capitals"]["capitals_cloze"] == results["capitals"]["accuracy"]
+        assert abs(results["mteb-lee-sts"]["LeeSTS"] - results["lee-sts"]["spearman"]) < 1e-4  # batching differs: fp32 noise
+    if "ubmoe-forced0" in rows:
+        assert rows["ubmoe-forced0"]["lm-eval-capitals"] == rows["base"]["lm-eval-capitals"]
+
+
+def test_paper_recipes_parse_and_name_shipped_configs():
+    for name in ("bidirlm-gemma3-270m", "ubmoe-qwen3-0.6b"):
+        _, stages = load_recipe(REPO / f"configs/recipes/{name}.yaml")
+        assert [s.name for s in stages][-1] == "compare"
+        for stage in stages:
+            if stage.fit:
+                assert (REPO / stage.fit).is_file(), stage.fit

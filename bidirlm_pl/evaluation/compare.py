@@ -64,6 +64,10 @@ def _display_name(path: str) -> str:
     return f"{name}@{routing}" if routing else name
 
 
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def _cell(task, values: dict | None) -> str:
     if not values:
         return "-"
@@ -80,7 +84,8 @@ def _cell(task, values: dict | None) -> str:
 
 HEADERS = {"perplexity": "perplexity (lower is better)", "multiple_choice": "cloze accuracy",
            "sts": "STS Spearman", "retrieval": "R@1 / R@10 / nDCG@10", "classification": "probe accuracy",
-           "clustering": "V-measure", "dependence": "DP before / main / after %"}
+           "clustering": "V-measure", "dependence": "DP before / main / after %",
+           "mteb": "MTEB main score (mean)", "lm_eval": "lm-eval headline (mean)"}
 
 
 def markdown(results, suite) -> str:
@@ -170,10 +175,15 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
             report = {"suite": suite.name, "max_length": suite.max_length,
                       "tasks": [asdict(t) | {"source": t.source if t.kind != "continuation" else None}
                                 for t in suite.tasks],
-                      "models": [asdict(r) | {"mean_embedding_score": r.mean_embedding_score(suite)}
-                                 for r in results]}
+                      "models": [{k: v for k, v in asdict(r).items() if k != "artifacts"}
+                                 | {"mean_embedding_score": r.mean_embedding_score(suite)} for r in results]}
             (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             (staging / "report.md").write_text(table)
+            for r in results:  # the harnesses' own outputs, beside the report
+                for name, text in r.artifacts.items():
+                    target = staging / Path(name).parent / f"{_safe_name(r.name)}-{Path(name).name}"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(text)
             if not plot(results, suite, staging / "report.png"):
                 print("no plot: the suite needs a perplexity task and an embedding task")
         print(f"report written to {output}/report.md, report.json, report.png")

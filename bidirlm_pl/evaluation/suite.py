@@ -29,12 +29,13 @@ import yaml
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.evaluation.task_data import FIELDS, builtin, builtin_names_for, read_jsonl
 
-GENERATION_KINDS = ("perplexity", "continuation", "multiple_choice")
-EMBEDDING_KINDS = ("sts", "retrieval", "classification", "clustering")
+GENERATION_KINDS = ("perplexity", "continuation", "multiple_choice", "lm_eval")
+EMBEDDING_KINDS = ("sts", "retrieval", "classification", "clustering", "mteb")
+HARNESS_KINDS = ("mteb", "lm_eval")  # run by the libraries themselves (bidirlm_pl.evaluation.harness)
 KINDS = GENERATION_KINDS + EMBEDDING_KINDS + ("dependence",)
 MAIN_METRIC = {"perplexity": "perplexity", "multiple_choice": "accuracy", "sts": "spearman",
                "retrieval": "ndcg@10", "classification": "accuracy", "clustering": "v_measure",
-               "dependence": "dp_after"}
+               "dependence": "dp_after", "mteb": "mean", "lm_eval": "mean"}
 ATTENTIONS = ("bidirectional", "causal")
 DEFAULT_PROMPTS = ["The prime minister said on Tuesday that"]
 
@@ -49,11 +50,23 @@ class TaskSpec:
     max_length: int | None = None     # tokens per text; default: the suite's
     prompts: list[str] | None = None  # continuation only
     max_new_tokens: int = 16          # continuation only
+    tasks: list[str] | None = None    # mteb / lm_eval: the library's task names (mteb: local:NAME too)
+    benchmark: str | None = None      # mteb only: a benchmark by name, e.g. "MTEB(eng, v2)"
+    num_fewshot: int | None = None    # lm_eval only
+    include_path: str | None = None   # lm_eval only: a folder of local task YAMLs
 
     def __post_init__(self):
         where = f"task '{self.name}'"
         if self.kind not in KINDS:
             raise BidirLMError(f"{where}: unknown kind '{self.kind}'; expected one of {list(KINDS)}")
+        harness_fields = {"tasks": self.tasks, "benchmark": self.benchmark, "num_fewshot": self.num_fewshot,
+                          "include_path": self.include_path}
+        if self.kind in HARNESS_KINDS:
+            self._check_harness(where)
+            return
+        given = sorted(k for k, v in harness_fields.items() if v is not None)
+        if given:
+            raise BidirLMError(f"{where}: {given} belong to kinds mteb / lm_eval, not to kind '{self.kind}'")
         if self.kind == "continuation":
             if self.data or self.path:
                 raise BidirLMError(f"{where}: a continuation task takes 'prompts', not data or path")
@@ -71,12 +84,33 @@ class TaskSpec:
         if self.limit is not None and self.limit < 2:
             raise BidirLMError(f"{where}: limit {self.limit} must be at least 2")
 
+    def _check_harness(self, where: str) -> None:
+        if self.data or self.path or self.prompts is not None:
+            raise BidirLMError(f"{where}: kind '{self.kind}' takes 'tasks' (the library's task names), "
+                               "not data, path or prompts")
+        if self.kind == "mteb":
+            if bool(self.tasks) == bool(self.benchmark):
+                raise BidirLMError(f"{where}: kind mteb takes 'tasks' (e.g. [STS12, local:lee-sts]) or "
+                                   "'benchmark' (e.g. \"MTEB(eng, v2)\"), one of the two")
+            if self.num_fewshot is not None or self.include_path is not None:
+                raise BidirLMError(f"{where}: num_fewshot and include_path belong to kind lm_eval, not mteb")
+        else:
+            if not self.tasks or self.benchmark:
+                raise BidirLMError(f"{where}: kind lm_eval takes 'tasks' (e.g. [mmlu]), not a benchmark")
+            if self.include_path is not None and not Path(self.include_path).is_dir():
+                raise BidirLMError(f"{where}: include_path '{self.include_path}' is not a folder of lm-eval "
+                                   "task YAMLs")
+        if self.limit is not None and self.limit < 1:
+            raise BidirLMError(f"{where}: limit {self.limit} must be at least 1")
+
     def records(self) -> list[dict]:
         records = builtin(self.data) if self.data else read_jsonl(self.path, FIELDS[self.kind])
         return records[: self.limit] if self.limit else records
 
     @property
     def source(self) -> str:
+        if self.kind in HARNESS_KINDS:
+            return f"{self.kind}:{self.benchmark or ','.join(self.tasks)}"
         return f"builtin:{self.data}" if self.data else str(self.path)
 
 
@@ -116,6 +150,8 @@ def load_suite(path: str | Path | None) -> Suite:
         if set(entry) - task_keys:
             raise BidirLMError(f"compare config: task '{entry['name']}' has unknown keys "
                                f"{sorted(set(entry) - task_keys)}; expected {sorted(task_keys)}")
+        if entry.get("include_path") and path is not None and not Path(entry["include_path"]).is_absolute():
+            entry = {**entry, "include_path": str((path.parent / entry["include_path"]).resolve())}
         tasks.append(TaskSpec(**entry))
     if not tasks:
         raise BidirLMError("compare config lists no tasks")
@@ -157,6 +193,7 @@ class ModelResult:
     attention: str
     results: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # files written beside the report (lm-eval's own)
 
     def main(self, task: TaskSpec):
         return self.results.get(task.name, {}).get(MAIN_METRIC.get(task.kind, ""))
@@ -187,10 +224,22 @@ class Embedder:
 
 
 def run_task(task: TaskSpec, model, tokenizer, embed: Embedder, *, max_length: int, batch_size: int,
-             bidirectional: bool) -> dict:
+             bidirectional: bool, model_name: str = "model", artifacts: dict | None = None) -> dict:
     """One task on one loaded model (the caller sets UBMoE modes); returns its metrics."""
     from bidirlm_pl.evaluation import metrics
     from bidirlm_pl.evaluation.embedding import spearman
+
+    if task.kind == "mteb":
+        from bidirlm_pl.evaluation.harness import run_mteb
+
+        return run_mteb(task, model, embed, max_length=max_length, model_name=model_name)
+    if task.kind == "lm_eval":
+        from bidirlm_pl.evaluation.harness import run_lm_eval
+
+        scores, raw = run_lm_eval(task, model, tokenizer, batch_size=batch_size, model_name=model_name)
+        if artifacts is not None:
+            artifacts[f"lm_eval/{task.name}.json"] = raw
+        return scores
 
     if task.kind == "continuation":
         from bidirlm_pl.evaluation.generation import continuation
@@ -270,7 +319,8 @@ def evaluate(spec: ModelSpec, suite: Suite, *, progress: bool = True) -> ModelRe
             try:
                 result.results[task.name] = run_task(
                     task, model, tokenizer, embed, max_length=task.max_length or suite.max_length,
-                    batch_size=suite.batch_size, bidirectional=bidirectional and not generation)
+                    batch_size=suite.batch_size, bidirectional=bidirectional and not generation,
+                    model_name=spec.name, artifacts=result.artifacts)
             finally:
                 attn.set_bidirectional(model, was)
         result.seconds[task.name] = round(time.time() - start, 2)
@@ -280,5 +330,5 @@ def evaluate(spec: ModelSpec, suite: Suite, *, progress: bool = True) -> ModelRe
 def check_data(suite: Suite) -> None:
     """Read every task's data once, so a bad file fails before any slow model work."""
     for task in suite.tasks:
-        if task.kind != "continuation":
+        if task.kind not in ("continuation", *HARNESS_KINDS):
             task.records()
