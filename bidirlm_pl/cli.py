@@ -11,7 +11,7 @@ import errno
 import importlib
 import sys
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.errors import PREEMPTED_EXIT, BidirLMError, Preempted
 
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train a stage from a YAML config (LightningCLI)",
@@ -37,6 +37,8 @@ TOOLS: dict[str, tuple[str, str]] = {
 
 
 HF_EXPORT = "bidirlm_pl.callbacks.HFExport"
+ATOMIC_IO = "bidirlm_pl.checkpoint_io.AtomicCheckpointIO"
+PREEMPTION = "bidirlm_pl.callbacks.Preemption"
 
 
 def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
@@ -56,15 +58,35 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
             from bidirlm_pl.stages.resume import check_resume_model
 
             subcommand = self.config.get("subcommand")
+            if subcommand == "fit":
+                self._resume_after_preemption(self.config[subcommand])
             if subcommand:
                 check_resume_model(self.config[subcommand], self.config[subcommand].get("ckpt_path"))
             super()._parse_ckpt_path()
+
+        def _resume_after_preemption(self, config):
+            """A fit stopped by a scheduler's signal left <default_root_dir>/preempted.ckpt: resume from it."""
+            import os
+            from pathlib import Path
+
+            from bidirlm_pl.callbacks.preemption import PREEMPTED_CKPT
+
+            preempted = Path(config["trainer"].get("default_root_dir") or os.getcwd()) / PREEMPTED_CKPT
+            if config.get("ckpt_path") in (None, "last") and preempted.is_file():
+                print(f"resuming from {preempted} (the previous run of this config was preempted)", flush=True)
+                config["ckpt_path"] = str(preempted)
 
         def before_instantiate_classes(self):
             from bidirlm_pl.preflight import check_fit_config
 
             config = self.config[self.subcommand] if self.subcommand else self.config
             check_fit_config(config)  # placement and batch mistakes: one line, before any process starts
+            if self.subcommand == "fit":  # one run per output folder
+                import os
+
+                from bidirlm_pl.run_lock import acquire
+
+                acquire(config["trainer"].get("default_root_dir") or os.getcwd())
             # default logging: CSV and TensorBoard side by side under the run's default_root_dir
             trainer = config["trainer"]
             if trainer.get("logger") in (None, True):
@@ -75,6 +97,24 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
                 ]
             if export_dir is not None:
                 self._redirect_outputs(trainer)
+            self._add_safety_defaults(trainer)
+
+        def _add_safety_defaults(self, trainer):
+            """Atomic checkpoint writes and preemption handling for every fit, unless the config brings its own."""
+            import os
+
+            if self.subcommand not in (None, "fit"):
+                return
+            plugins = trainer.get("plugins")
+            plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+            if not any(isinstance(p, Namespace) and "CheckpointIO" in p.class_path for p in plugins):
+                plugins.append(Namespace(class_path=ATOMIC_IO, init_args=Namespace()))
+                trainer["plugins"] = plugins
+            callbacks = list(trainer.get("callbacks") or [])
+            if not any(isinstance(c, Namespace) and c.class_path.endswith("Preemption") for c in callbacks):
+                root = str(trainer.get("default_root_dir") or os.getcwd())
+                callbacks.append(Namespace(class_path=PREEMPTION, init_args=Namespace(dirpath=root, signals=None)))
+                trainer["callbacks"] = callbacks
 
         def _redirect_outputs(self, trainer):
             """Under `bidirlm run`: logs under the stage's root, the final HF export into the stage folder."""
@@ -91,8 +131,18 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
                                                                                        every_n_steps=0)))
             trainer["callbacks"] = callbacks
 
-    return BidirLMCLI(
-        BackboneStage,
+    from bidirlm_pl import run_lock
+
+    count = run_lock.held()
+    try:
+        return _build(BidirLMCLI, BackboneStage, L, argv)
+    finally:
+        run_lock.release_since(count)  # the fit's own lock; an enclosing `bidirlm run` keeps its own
+
+
+def _build(cli_class, stage_class, L, argv):
+    return cli_class(
+        stage_class,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -146,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except BidirLMError as err:
         print(f"bidirlm: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(f"bidirlm: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except FileNotFoundError as err:
         print(f"bidirlm: error: {err}", file=sys.stderr)
         return 2

@@ -23,3 +23,14 @@ def require(module: str, extra: str, purpose: str):
         return importlib.import_module(module)
     except ImportError:
         raise MissingExtraError(module.split(".")[0], extra, purpose) from None
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the job stopped on a scheduler's signal; rerun it to resume
+
+
+class Preempted(Exception):
+    """A fit stopped on SIGTERM/SIGUSR1 after saving its checkpoint (``bidirlm`` exits with status 75)."""
+
+    def __init__(self, step: int, path: str):
+        super().__init__(f"preempted at step {step}: checkpoint {path}; rerun the same command to resume")
+        self.step, self.path = step, path

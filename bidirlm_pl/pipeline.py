@@ -134,8 +134,19 @@ def run_stage(stage: Stage, out: Path, outputs: dict[str, str]) -> None:
 
 
 def run_recipe(path: str | Path, *, output_dir: str | None = None, force: bool = False) -> dict[str, str]:
+    from bidirlm_pl import run_lock
+
     root, stages = load_recipe(path)
     root = Path(output_dir) if output_dir else root
+    count = run_lock.held()
+    run_lock.acquire(root)  # one run per output folder: a second `bidirlm run` into it fails in one line
+    try:
+        return _run_stages(stages, root, force)
+    finally:
+        run_lock.release_since(count)
+
+
+def _run_stages(stages: list[Stage], root: Path, force: bool) -> dict[str, str]:
     outputs: dict[str, str] = {}
     for stage in stages:
         out = root / stage.name / "hf"
