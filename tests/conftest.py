@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 import torch
@@ -31,3 +32,36 @@ def gemma3_270m():
     from bidirlm_pl import assets
 
     return assets.gemma3_270m()
+
+
+# Every one-line error the suite triggers stays short: it names the bad value and what was expected in about
+# 200 characters (details belong behind --help or in the docs). Errors raised in this process are recorded,
+# absolute paths counted as 5 characters (a user's own path is as long as it is); the session fails if any
+# is longer.
+ERROR_LIMIT = 200
+_long_errors: dict[str, int] = {}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _record_error_lengths():
+    from bidirlm_pl.errors import BidirLMError
+
+    original = BidirLMError.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        text = str(self)
+        length = len(re.sub(r"/[^\s'\"]+", "/PATH", text))
+        if length > ERROR_LIMIT:
+            _long_errors[text] = length
+
+    BidirLMError.__init__ = recording
+    yield
+    BidirLMError.__init__ = original
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _long_errors:
+        lines = "\n".join(f"  {n} chars: {text}" for text, n in sorted(_long_errors.items(), key=lambda x: -x[1]))
+        print(f"\nerror messages over {ERROR_LIMIT} characters:\n{lines}")
+        session.exitstatus = 1

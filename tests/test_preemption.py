@@ -129,3 +129,17 @@ def test_two_runs_into_one_folder_one_line_naming_the_holder_and_a_stale_lock_is
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"taking over the stale lock of {root.resolve()} (pid {first.pid}" in third.stderr
     assert not (root / ".bidirlm.lock").exists(), "a finished run releases its lock"
+
+
+def test_resuming_with_changed_stage_options_lists_them_before_training(tmp_path):
+    root = tmp_path / "run"
+    every_step = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                  "--trainer.callbacks.dirpath", str(root / "ckpt"), "--trainer.callbacks.every_n_train_steps", "1",
+                  "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.filename", "{step}"]
+    assert cli(fit_args(root, *every_step, steps=2)).returncode == 0
+    resumed = cli(fit_args(root, *every_step, "--model.init_args.loss_chunk_size", "32", steps=3)
+                  + ["--ckpt_path", str(root / "ckpt" / "step=2.ckpt")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = resumed.stdout
+    assert "the checkpoint's stage options are used where the config differs" in out
+    assert "loss_chunk_size: 64 in the checkpoint, 32 in the config" in out

@@ -128,3 +128,42 @@ def check_resume_model(config, ckpt_path) -> None:
         raise BidirLMError(f"the checkpoint '{ckpt_path}' was trained from model '{saved_model}', but the config "
                            f"says '{configured}'; resume with the model it was trained from or start the stage "
                            "without --ckpt_path")
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """Nested dicts / dataclasses / Namespaces as ``{"a.b": leaf}``."""
+    from dataclasses import asdict, is_dataclass
+
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def resumed_option_changes(config, ckpt_path) -> list[str]:
+    """The stage options that differ between the checkpoint and the config given (the checkpoint's are used)."""
+    if not ckpt_path:
+        return []
+    hparams = _saved_hparams(Path(ckpt_path))
+    model = config.get("model") if hasattr(config, "get") else None
+    if not hparams or model is None:
+        return []
+    saved = _flat({k: v for k, v in hparams.items() if not k.startswith("_")})
+    given = _flat(model.get("init_args") or {})
+    return [f"{key}: {saved[key]!r} in the checkpoint, {given[key]!r} in the config"
+            for key in sorted(saved.keys() & given.keys()) if saved[key] != given[key]]
+
+
+def report_resumed_options(config, ckpt_path) -> None:
+    """Print, before training continues, every stage option the checkpoint overrides (LightningCLI restores a
+    stage's options with its weights, so a changed value in the config would otherwise be dropped silently)."""
+    changes = resumed_option_changes(config, ckpt_path)
+    if changes:
+        print(f"resuming from {ckpt_path}: the checkpoint's stage options are used where the config differs:\n  "
+              + "\n  ".join(changes), flush=True)
