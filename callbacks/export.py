@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class HFExport(L.Callback):
-    """Export ``pl_module.export_hf`` to ``dirpath`` (default ``<log_dir>/hf``) at fit end.
+    """Export ``pl_module.export_hf`` to ``dirpath`` (default ``<default_root_dir>/hf``) at fit end.
 
     Args:
         dirpath: target folder; ``every_n_steps`` exports go to ``<dirpath>/step-<N>``.
@@ -35,7 +35,8 @@ class HFExport(L.Callback):
     def _root(self, trainer) -> Path:
         if self.dirpath is not None:
             return Path(self.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "hf"
+        # beside the run's other outputs (its checkpoints and logs live under default_root_dir too)
+        return Path(trainer.default_root_dir) / "hf"
 
     def _export(self, trainer, pl_module, target: Path) -> None:
         # every rank takes part (sharded parameters are gathered), rank 0 writes

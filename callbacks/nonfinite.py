@@ -38,8 +38,9 @@ class NonFiniteGuard(L.Callback):
         self._bad = False
 
     def on_before_backward(self, trainer, pl_module, loss):
+        # under gradient accumulation one bad micro-batch spoils the whole step's gradient: _bad stays set
+        # until the step's optimizer call
         if torch.isfinite(loss.detach()).all():
-            self._bad = False
             self._in_a_row = 0
             return
         self._bad = True
@@ -48,14 +49,15 @@ class NonFiniteGuard(L.Callback):
         if self.action == "stop" or self._in_a_row >= self.max_skips:
             why = "" if self.action == "stop" else f" ({self._in_a_row} batches in a row; max_skips {self.max_skips})"
             raise NonFiniteLossError(
-                f"training loss is {value} at step {trainer.global_step}{why}; stopped before the update, so the "
-                f"weights are those after step {trainer.global_step - 1}; last checkpoint: {_last_checkpoint(trainer)}. "
-                "Lower the learning rate, check the data, or add NonFiniteGuard(action='skip')"
+                f"training loss is {value} at step {trainer.global_step}{why}; stopped before the update (weights "
+                f"are those after step {trainer.global_step - 1}; last checkpoint: {_last_checkpoint(trainer)}); "
+                "lower the lr or use NonFiniteGuard(action='skip')"
             )
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if not self._bad:
             return
+        self._bad = False  # the next step starts clean
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None  # optimizers skip parameters without gradients: no update, moments untouched

@@ -163,3 +163,20 @@ def test_varlen_backend_packs_rows_and_matches_sdpa(tiny_qwen3):
         out.append(torch.from_numpy(enc.encode(["a short one", "a somewhat longer text than that one"])))
     assert torch.allclose(out[0], out[2], atol=1e-5)
     assert torch.allclose(out[1], out[3], atol=1e-5)
+
+
+def test_embedding_eval_before_fit_with_csv_logging_every_step(tmp_path, monkeypatch):
+    """EmbeddingEval logs at step 0 before any train metric, then validation adds keys: the CSV keeps every column."""
+    from pathlib import Path
+
+    config = str(Path(__file__).resolve().parents[1] / CONFIG)
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", config, "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1",
+                 "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                 "--trainer.logger.save_dir", str(tmp_path / "run")]) == 0
+    rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
+    assert {"train/loss", "val/lee_spearman", "val/loss"} <= set(rows[0])
+    assert rows[0]["val/lee_spearman"] and rows[0]["step"] == "0"   # the before-fit score comes first
+    assert sum(bool(r["train/loss"]) for r in rows) == 4
+    assert (tmp_path / "run" / "hf" / "modules.json").is_file()     # HFExport without dirpath: beside the run

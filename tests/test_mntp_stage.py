@@ -18,7 +18,7 @@ def test_fit_tiny_exports_a_bidirectional_folder_that_reloads(tmp_path, monkeypa
     code = main(["fit", "--config", TINY, "--trainer.max_steps", "6", "--trainer.val_check_interval", "3"])
     assert code == 0
     run = next(Path("runs/mntp-tiny").glob("**/metrics.csv")).parent
-    export = run / "hf"
+    export = Path("runs/mntp-tiny/hf")  # HFExport without dirpath: beside the run's other outputs
     config = json.loads((export / "config.json").read_text())
     assert config["is_causal"] is False
     model, tokenizer = load_backbone(export, bidirectional=True)

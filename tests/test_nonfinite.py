@@ -61,3 +61,28 @@ def test_guard_arguments_are_checked():
     with pytest.raises(BidirLMError, match="action 'ignore' is not one of"):
         NonFiniteGuard(action="ignore")
     assert math.isfinite(NonFiniteGuard(action="skip").max_skips)
+
+
+def test_skip_judges_the_whole_accumulated_step(tmp_path, monkeypatch):
+    """2 micro-batches per step, the first one NaN: the step is skipped although the last micro-batch is fine."""
+    snapshots, calls = {}, [0]
+    original = MNTPStage.step
+
+    def step(self, batch):
+        out = original(self, batch)
+        if self.training:
+            calls[0] += 1
+            snapshots.setdefault(self.trainer.global_step, dict(self.backbone.named_parameters())[WATCHED]
+                                 .detach().clone())
+            if calls[0] == 3:  # the first micro-batch of step 1
+                out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MNTPStage, "step", step)
+    monkeypatch.chdir(tmp_path)
+    guard = '{"class_path": "bidirlm_pl.callbacks.NonFiniteGuard", "init_args": {"action": "skip"}}'
+    assert main(["fit", "--config", TINY, *ARGS, "--trainer.max_steps", "3", "--trainer.accumulate_grad_batches", "2",
+                 f"--trainer.callbacks+={guard}"]) == 0
+    assert torch.equal(snapshots[2], snapshots[1])         # step 1 (micro-batches 3 and 4) changed nothing
+    assert not torch.equal(snapshots[1], snapshots[0])     # step 0 did
+    assert all(torch.isfinite(w).all() for w in snapshots.values())
