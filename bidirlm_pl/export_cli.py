@@ -62,6 +62,7 @@ def load_checkpoint(path: str | Path) -> dict:
         ckpt = _load_sharded(path) if path.is_dir() else safe_torch_load(path)
     except Exception as err:  # noqa: BLE001 - unpickling refusals and corrupt files alike
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.split(". ")[0][:90]  # the library's first sentence; the rest explains torch.load's options
         raise BidirLMError(f"checkpoint '{path}' cannot be loaded safely (weights_only): {first}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise BidirLMError(f"checkpoint '{path}' has no state_dict/hyper_parameters; expected a Lightning checkpoint")

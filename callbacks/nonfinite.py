@@ -51,7 +51,7 @@ class NonFiniteGuard(L.Callback):
             raise NonFiniteLossError(
                 f"training loss is {value} at step {trainer.global_step}{why}; stopped before the update (weights "
                 f"are those after step {trainer.global_step - 1}; last checkpoint: {_last_checkpoint(trainer)}); "
-                "lower the lr or use NonFiniteGuard(action='skip')"
+                "lower the lr or skip such batches"
             )
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):

@@ -64,9 +64,8 @@ def check_signature(saved: dict | None, current: dict, *, what: str, option: str
     if changed:
         diff = "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
         raise BidirLMError(
-            f"the checkpoint's {what} was made by a different data configuration ({diff}); restore the "
-            f"checkpoint's data config to continue its stream exactly, or set {option}: false to keep the "
-            f"trained weights and start a fresh stream"
+            f"the checkpoint's {what} comes from other data settings ({diff}); restore them, or set "
+            f"{option}: false for a fresh stream"
         )
 
 

@@ -149,9 +149,7 @@ def check_contradictions(spec: SourceSpec, kind: str, *, where: str | None = Non
         shown = ", ".join(f"{k}={v!r}" for k, v in extra.items())
         raise BidirLMError(
             f"{where or f'source {spec.name!r}'}: kind '{kind}' takes no {sorted(extra)} (given {shown}); "
-            f"it reads {sorted(KIND_FIELDS[kind]) or 'nothing but its name'}. On the command line a list of "
-            "sources is merged into the config's item by item: give each source's 'kind' too, or "
-            "write the list in a YAML file (README: 'Replacing a list from the command line')"
+            "a command-line list merges into the config's item by item: give each source its 'kind' (README)"
         )
 
 

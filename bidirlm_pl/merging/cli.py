@@ -55,7 +55,11 @@ def load_yaml_spec(path: str | Path) -> dict:
         raise BidirLMError(f"merge config '{path}' is not a mapping of MergeSpec fields")
     unknown = sorted(set(values) - SPEC_FIELDS)
     if unknown:
-        raise BidirLMError(f"merge config '{path}' has unknown key '{unknown[0]}'; expected {sorted(SPEC_FIELDS)}")
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(SPEC_FIELDS), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "see `bidirlm merge --help` for the keys"
+        raise BidirLMError(f"merge config '{path}' has unknown key '{unknown[0]}'; {hint}")
     return values
 
 

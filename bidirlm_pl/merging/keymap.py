@@ -187,8 +187,9 @@ def _shaped_entry(name: str, keys: list[str], ckpts: list[Checkpoint], source: i
     if all(shape == src_info.shape for shape in shapes):
         return Entry(name, src_info.shape, "merge", keys)
     other = next(i for i, shape in enumerate(shapes) if shape != src_info.shape)
+    renamed = f" (as '{keys[other]}')" if keys[other] != name else ""
     detail = (f"tensor '{name}' has shape {list(src_info.shape)} in {ckpts[source].name} but "
-              f"{list(shapes[other])} in {ckpts[other].name} (as '{keys[other]}')")
+              f"{list(shapes[other])} in {ckpts[other].name}{renamed}")
     if shape_policy == "copy":
         report.shape_policy_applied.append(f"{name}: copied from the source ({detail})")
         return Entry(name, src_info.shape, "copy", _only(len(ckpts), source, name))
@@ -197,5 +198,4 @@ def _shaped_entry(name: str, keys: list[str], ckpts: list[Checkpoint], source: i
         common = min(s[0] for s in shapes)
         report.shape_policy_applied.append(f"{name}: merged the first {common} rows, the rest from the source")
         return Entry(name, src_info.shape, "merge", keys, common_rows=common)
-    raise BidirLMError(f"{detail}; merge models of one architecture and vocabulary, "
-                       f"or choose shape_policy 'copy' or 'common_rows'")
+    raise BidirLMError(f"{detail}; shapes must match (or set shape_policy copy|common_rows)")

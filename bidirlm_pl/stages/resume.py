@@ -75,9 +75,9 @@ def check_same_model(saved: dict, current: dict[str, torch.Tensor], *, saved_mod
     else:
         first = f"'{(missing or unexpected)[0]}' is {'missing from' if missing else 'not in the model but in'} the checkpoint"
     raise BidirLMError(
-        f"the checkpoint does not fit the configured model '{model}' ({len(missing)} missing, {len(unexpected)} "
-        f"unexpected, {len(reshaped)} reshaped tensors; {first}); resume with the model it was trained from"
-        f"{f' ({saved_model!r})' if saved_model else ''} or start the stage without --ckpt_path"
+        f"the checkpoint does not fit model '{model}' ({len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(reshaped)} reshaped tensors; {first}); resume with the model it was trained from"
+        f"{f' ({saved_model!r})' if saved_model else ''}"
     )
 
 
