@@ -110,7 +110,8 @@ def correctness(args) -> list[dict]:
                 rows.append({"model": name, "backend": backend, "mode": "bidirectional" if bidirectional else "causal",
                              "max_abs_hidden": float((h - ref_h).abs().max()),
                              "max_abs_grad": float((g - ref_g).abs().max()) if g is not None else "n/a (no CPU backward)",
-                             "ref_hidden_scale": float(ref_h.abs().max())})
+                             "ref_hidden_scale": float(ref_h.abs().max()),
+                             "ref_grad_scale": float(ref_g.abs().max())})
         del models_by_backend
         if args.device == "cuda":
             torch.cuda.empty_cache()
