@@ -15,6 +15,13 @@ class MissingExtraError(BidirLMError, ImportError):
         )
 
 
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's text (its type name when empty), for one-line errors."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line[:limit] if limit else line
+
+
 def require(module: str, extra: str, purpose: str):
     """Import an optional module or raise a one-line MissingExtraError."""
     import importlib

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.errors import BidirLMError, first_line
 
 # What a model folder needs; pickled weights (*.bin, *.pt, *.pth, *.ckpt) never match.
 MODEL_FILE_PATTERNS = [
@@ -107,7 +107,7 @@ def hub_error(err: Exception, repo_id: str, repo_type: str = "model", *, what: s
     if isinstance(err, errors.HfHubHTTPError):
         status = getattr(getattr(err, "response", None), "status_code", "?")
         return BidirLMError(f"{what}: the Hugging Face Hub answered HTTP {status}; {LOGIN_HINT} if it is private")
-    return BidirLMError(f"{what}: {_first_line(err)}")
+    return BidirLMError(f"{what}: {first_line(err)}")
 
 
 def _gated(what: str, repo_id: str, repo_type: str) -> BidirLMError:
@@ -160,13 +160,13 @@ def load_dataset(dataset: str, *, name: str | None = None, split: str | None = N
         return datasets.load_dataset(path, revision=revision, **kwargs)
     except Exception as err:
         if hub is None:
-            raise BidirLMError(f"{what}: {_first_line(err)}") from err
+            raise BidirLMError(f"{what}: {first_line(err)}") from err
         snapshot = cached_snapshot(path, revision, "dataset") if offline() else None
         if snapshot is not None:
             try:
                 return datasets.load_dataset(str(snapshot), **kwargs)
             except Exception as local_err:
-                raise BidirLMError(f"{what}: cached snapshot {snapshot}: {_first_line(local_err)}") from local_err
+                raise BidirLMError(f"{what}: cached snapshot {snapshot}: {first_line(local_err)}") from local_err
         raise _dataset_error(err, path, what) from err
 
 
@@ -180,19 +180,15 @@ def _dataset_error(err: Exception, repo_id: str, what: str) -> BidirLMError:
     for cause in chain:
         if isinstance(cause, (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
             return hub_error(cause, repo_id, "dataset", what=what)
-    text = " ".join(_first_line(c) for c in chain).lower()
+    text = " ".join(first_line(c) for c in chain).lower()
     if "gated" in text:
         return _gated(what, repo_id, "dataset")
     if offline() and ("offline" in text or "couldn't reach" in text):
         return _not_cached(what, repo_id, "dataset")
     if "doesn't exist on the hub" in text or "cannot be accessed" in text:
         return _not_found(what)
-    return BidirLMError(f"{what}: {_first_line(err)}")
+    return BidirLMError(f"{what}: {first_line(err)}")
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, message: str | None = None) -> str:

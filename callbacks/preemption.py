@@ -35,7 +35,6 @@ class Preemption(L.Callback):
 
     def __init__(self, dirpath: str | None = None, signals: list[str] | None = None):
         self.dirpath = dirpath
-        self._dirpath_given = dirpath is not None
         self.signals = list(signals or ["SIGTERM", "SIGUSR1"])
         self.received: str | None = None
         self._previous: dict = {}
@@ -43,7 +42,7 @@ class Preemption(L.Callback):
         self.saved = False
 
     def setup(self, trainer, pl_module, stage):
-        if not self._dirpath_given:
+        if self.dirpath is None:
             self.dirpath = trainer.default_root_dir
         if stage != "fit" or threading.current_thread() is not threading.main_thread() or trainer.world_size > 1:
             return

@@ -64,10 +64,6 @@ def _display_name(path: str) -> str:
     return f"{name}@{routing}" if routing else name
 
 
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
 def _cell(task, values: dict | None) -> str:
     if not values:
         return "-"
@@ -179,9 +175,11 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
                                  | {"mean_embedding_score": r.mean_embedding_score(suite)} for r in results]}
             (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             (staging / "report.md").write_text(table)
+            from bidirlm_pl.evaluation.harness import safe_name
+
             for r in results:  # the harnesses' own outputs, beside the report
                 for name, text in r.artifacts.items():
-                    target = staging / Path(name).parent / f"{_safe_name(r.name)}-{Path(name).name}"
+                    target = staging / Path(name).parent / f"{safe_name(r.name)}-{Path(name).name}"
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_text(text)
             if not plot(results, suite, staging / "report.png"):

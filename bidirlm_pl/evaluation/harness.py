@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.errors import BidirLMError, first_line
 
 HEADLINE = ("acc", "acc_norm", "exact_match", "f1", "mcc", "pearson", "bleu")
 
@@ -42,7 +42,7 @@ def mteb_tasks(names: list[str] | None, benchmark: str | None, *, where: str) ->
         try:
             return list(mteb.get_benchmark(benchmark).tasks)
         except Exception as err:
-            raise BidirLMError(f"{where}: MTEB has no benchmark '{benchmark}' ({_first_line(err)})") from err
+            raise BidirLMError(f"{where}: MTEB has no benchmark '{benchmark}' ({first_line(err, 160)})") from err
     tasks, local = [], local_mteb_tasks()
     for name in names:
         if name.startswith("local:"):
@@ -54,7 +54,7 @@ def mteb_tasks(names: list[str] | None, benchmark: str | None, *, where: str) ->
         try:
             tasks += list(mteb.get_tasks(tasks=[name]))
         except Exception as err:
-            raise BidirLMError(f"{where}: MTEB has no task '{name}' ({_first_line(err)})") from err
+            raise BidirLMError(f"{where}: MTEB has no task '{name}' ({first_line(err, 160)})") from err
     return tasks
 
 
@@ -83,12 +83,12 @@ def run_mteb(task, model, embed, *, max_length: int, model_name: str) -> dict:
 
     where = f"task '{task.name}'"
     tasks = mteb_tasks(task.tasks, task.benchmark, where=where)
-    encoder = mteb_encoder(embed, model=model, max_length=max_length, name=f"bidirlm-pl/{_safe(model_name)}")
+    encoder = mteb_encoder(embed, model=model, max_length=max_length, name=f"bidirlm-pl/{safe_name(model_name)}")
     try:
         result = mteb.evaluate(encoder, tasks, cache=None, show_progress_bar=False)
     except Exception as err:
         raise BidirLMError(f"{where}: MTEB could not evaluate {[t.metadata.name for t in tasks]}: "
-                           f"{_first_line(err)} (offline: is the task's data in the Hugging Face cache?)") from err
+                           f"{first_line(err, 160)} (offline: is the task's data in the Hugging Face cache?)") from err
     scores = {r.task_name: float(r.get_score()) for r in result.task_results}
     return {**scores, "mean": float(np.mean(list(scores.values()))), "tasks": list(scores)}
 
@@ -120,7 +120,7 @@ def run_lm_eval(task, model, tokenizer, *, batch_size: int, model_name: str) -> 
                                               limit=task.limit, task_manager=manager, log_samples=False,
                                               bootstrap_iters=0, verbosity="ERROR")
     except Exception as err:
-        raise BidirLMError(f"{where}: lm-eval could not evaluate {task.tasks}: {_first_line(err)} "
+        raise BidirLMError(f"{where}: lm-eval could not evaluate {task.tasks}: {first_line(err, 160)} "
                            "(offline: is the task's data in the Hugging Face cache?)") from err
     raw = json.dumps({"model": model_name, **{k: results[k] for k in ("results", "configs", "versions", "n-shot")
                                               if k in results}}, indent=2, default=str)
@@ -140,13 +140,9 @@ def headline(metrics: dict) -> float:
     return float(next(iter(numeric.values())))
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A name usable in file names."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else type(err).__name__
 
 
 @contextlib.contextmanager
