@@ -38,6 +38,9 @@ TOOLS: dict[str, tuple[str, str]] = {
 
 HF_EXPORT = "bidirlm_pl.callbacks.HFExport"
 ATOMIC_IO = "bidirlm_pl.checkpoint_io.AtomicCheckpointIO"
+ATOMIC_MODEL_PARALLEL = "bidirlm_pl.checkpoint_io.AtomicModelParallelStrategy"
+MODEL_PARALLEL = ("lightning.pytorch.strategies.ModelParallelStrategy",
+                  "lightning.pytorch.strategies.model_parallel.ModelParallelStrategy", "ModelParallelStrategy")
 PREEMPTION = "bidirlm_pl.callbacks.Preemption"
 
 
@@ -73,7 +76,7 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
             from bidirlm_pl.callbacks.preemption import PREEMPTED_CKPT
 
             preempted = Path(config["trainer"].get("default_root_dir") or os.getcwd()) / PREEMPTED_CKPT
-            if config.get("ckpt_path") in (None, "last") and preempted.is_file():
+            if config.get("ckpt_path") in (None, "last") and preempted.exists():  # a file, or FSDP2 shards
                 print(f"resuming from {preempted} (the previous run of this config was preempted)", flush=True)
                 config["ckpt_path"] = str(preempted)
 
@@ -106,6 +109,9 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
 
             if self.subcommand not in (None, "fit"):
                 return
+            strategy = trainer.get("strategy")
+            if isinstance(strategy, Namespace) and strategy.class_path in MODEL_PARALLEL:
+                strategy.class_path = ATOMIC_MODEL_PARALLEL  # sharded checkpoint folders renamed into place
             plugins = trainer.get("plugins")
             plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
             if not any(isinstance(p, Namespace) and "CheckpointIO" in p.class_path for p in plugins):

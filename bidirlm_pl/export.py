@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from bidirlm_pl.checkpoint_io import replace_path
 from bidirlm_pl.errors import BidirLMError
 
 
@@ -33,13 +33,7 @@ def atomic_folder(target: str | Path, *, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, backup)
-        os.replace(staging, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    replace_path(staging, target)
 
 
 def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

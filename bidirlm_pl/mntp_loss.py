@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from bidirlm_pl.errors import BidirLMError
+
 IGNORE_INDEX = -100
 
 
@@ -38,6 +40,7 @@ class MNTPOutput:
     loss: torch.Tensor
     accuracy: torch.Tensor
     count: torch.Tensor
+    kl: torch.Tensor | None = None  # mean KL(reference || model) over the same positions, when asked
 
 
 def prediction_mask(labels_BT: torch.Tensor, seq_ids_BT: torch.Tensor | None = None,
@@ -59,11 +62,16 @@ def _softcapped(logits_NV: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return torch.tanh(logits_NV / softcap) * softcap
 
 
-def _chunk_sums(output_layer, softcap, hidden_ND, targets_N):
+def _chunk_sums(output_layer, softcap, hidden_ND, targets_N, reference_ND=None):
     logits_NV = _softcapped(output_layer(hidden_ND).float(), softcap)
     loss_sum = F.cross_entropy(logits_NV, targets_N, reduction="sum")
     correct = (logits_NV.detach().argmax(-1) == targets_N).sum()
-    return loss_sum, correct
+    if reference_ND is None:
+        return loss_sum, correct
+    with torch.no_grad():
+        reference_logp_NV = _softcapped(output_layer(reference_ND).float(), softcap).log_softmax(-1)
+    kl_sum = F.kl_div(logits_NV.log_softmax(-1), reference_logp_NV, log_target=True, reduction="sum")
+    return loss_sum, correct, kl_sum
 
 
 def mntp_loss(
@@ -75,6 +83,7 @@ def mntp_loss(
     chunk_size: int | None = None,
     softcap: float | None = None,
     ignore_index: int = IGNORE_INDEX,
+    reference_BTD: torch.Tensor | None = None,
 ) -> MNTPOutput:
     """MNTP cross-entropy over masked positions only.
 
@@ -85,29 +94,35 @@ def mntp_loss(
         seq_ids_BT: document index per token (packed rows); targets that start a document are dropped.
         chunk_size: project at most this many positions at once, recomputing logits in backward.
         softcap: final logit soft-capping of the model (Gemma2-style ``final_logit_softcapping``).
+        reference_BTD: hidden states of a reference model (no gradient) through the same output layer:
+            the output's ``kl`` is then the mean KL(reference || model) over the predicted positions,
+            computed in the same chunks (the model's logits are projected once for both terms).
     """
     valid_BT1 = prediction_mask(labels_BT, seq_ids_BT, ignore_index)
     hidden_ND = hidden_BTD[:, :-1][valid_BT1]
     targets_N = labels_BT[:, 1:][valid_BT1]
+    reference_ND = None if reference_BTD is None else reference_BTD[:, :-1][valid_BT1].detach()
     n = int(targets_N.numel())
     if n == 0:
         zero = hidden_BTD.sum() * 0.0
-        return MNTPOutput(zero, zero.detach(), torch.zeros((), dtype=torch.long, device=hidden_BTD.device))
-    if chunk_size is None or chunk_size >= n:
-        loss_sum, correct = _chunk_sums(output_layer, softcap, hidden_ND, targets_N)
-    else:
-        assert chunk_size > 0, "chunk_size must be positive"
-        loss_sum = hidden_ND.new_zeros((), dtype=torch.float32)
-        correct = torch.zeros((), dtype=torch.long, device=hidden_ND.device)
-        for start in range(0, n, chunk_size):
-            part_loss, part_correct = checkpoint(
-                _chunk_sums, output_layer, softcap, hidden_ND[start:start + chunk_size],
-                targets_N[start:start + chunk_size], use_reentrant=False,
-            )
-            loss_sum = loss_sum + part_loss
-            correct = correct + part_correct
+        return MNTPOutput(zero, zero.detach(), torch.zeros((), dtype=torch.long, device=hidden_BTD.device),
+                          None if reference_BTD is None else zero)
+    size = n if chunk_size is None else chunk_size
+    if size < 1:
+        raise BidirLMError(f"chunk_size {chunk_size} must be a positive number of positions")
+    sums = None
+    for start in range(0, n, size):
+        part = (hidden_ND[start:start + size], targets_N[start:start + size])
+        if reference_ND is not None:
+            part += (reference_ND[start:start + size],)
+        if size >= n:
+            part_sums = _chunk_sums(output_layer, softcap, *part)
+        else:
+            part_sums = checkpoint(_chunk_sums, output_layer, softcap, *part, use_reentrant=False)
+        sums = part_sums if sums is None else tuple(a + b for a, b in zip(sums, part_sums))
     count = torch.tensor(n, device=hidden_BTD.device)
-    return MNTPOutput(loss_sum / n, correct.float() / n, count)
+    kl = None if reference_ND is None else sums[2] / n
+    return MNTPOutput(sums[0] / n, sums[1].float() / n, count, kl)
 
 
 def full_logits_mntp_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
@@ -139,16 +154,18 @@ def causal_lm_loss(
     *,
     chunk_size: int | None = None,
     softcap: float | None = None,
+    reference_BTD: torch.Tensor | None = None,
 ) -> MNTPOutput:
     """Mean next-token cross-entropy of a packed or padded batch without full-vocabulary logits for it.
 
     The causal LM loss is MNTP's loss with every position a target: the same sparse, chunked path,
-    so peak memory holds ``chunk_size x V`` logits, never ``B x T x V``.
+    so peak memory holds ``chunk_size x V`` logits, never ``B x T x V``. ``reference_BTD`` adds the
+    mean KL to a reference model's next-token distribution (``kl``), as :func:`mntp_loss`.
     """
     labels_BT = next_token_labels(batch["input_ids"], seq_ids_BT=batch.get("seq_ids"),
                                   attention_mask_BT=batch.get("attention_mask"))
     return mntp_loss(hidden_BTD, labels_BT, output_layer, seq_ids_BT=batch.get("seq_ids"),
-                     chunk_size=chunk_size, softcap=softcap)
+                     chunk_size=chunk_size, softcap=softcap, reference_BTD=reference_BTD)
 
 
 def final_logit_softcap(model) -> float | None:

@@ -148,7 +148,7 @@ class UBMoETextData(L.LightningDataModule):
                           collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
-        if not self.val_rows:
-            return []
-        return DataLoader(self.val_rows, batch_size=self.batch_size, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        from bidirlm_pl.data.validation import rank_loader
+
+        rows, size = self.val_rows, self.batch_size  # the one-process batches, shared out over the ranks
+        return rank_loader([self.collate(rows[i:i + size]) for i in range(0, len(rows or []), size)], self)

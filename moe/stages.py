@@ -202,6 +202,12 @@ class UBMoEStage2(_UBMoEStage):
             nothing to learn); ``trainable`` defaults to ``[router]``.
         routing: ``soft`` or ``top1`` while training (both give the router a gradient).
         load_balance: weight of the Switch load-balancing loss (0 = off).
+        kl_to_base: weight of the mean KL from the base model's next-token distribution to the routed
+            model's (0 = off). Expert 0 everywhere *is* the base, so the reference is one extra forward of
+            this model with routing ``forced0`` under ``no_grad``: no second model in memory. It keeps
+            the routers from trading the base's behaviour on text unlike the training data for gains on it.
+        expert1_penalty: weight of the mean expert-1 router probability over real tokens and layers
+            (0 = off): a prior pulling every router toward expert 0, the original FFN.
         loss_chunk_size: positions projected through the output layer at once (logits recomputed in
             backward): the loss never holds full-vocabulary logits for the whole batch.
         Other arguments as :class:`BackboneStage`.
@@ -215,6 +221,8 @@ class UBMoEStage2(_UBMoEStage):
         backbone: BackboneSpec,
         routing: str = "soft",
         load_balance: float = 0.0,
+        kl_to_base: float = 0.0,
+        expert1_penalty: float = 0.0,
         loss_chunk_size: int | None = 1024,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
@@ -225,20 +233,43 @@ class UBMoEStage2(_UBMoEStage):
                 f"stage 2 model '{self.model_path}' is not a UBMoE folder (run stage 1 first): with identical experts "
                 f"the router would learn nothing"
             )
-        if load_balance < 0:
-            raise BidirLMError(f"load_balance {load_balance} must be >= 0")
+        for option, value in (("load_balance", load_balance), ("kl_to_base", kl_to_base),
+                              ("expert1_penalty", expert1_penalty)):
+            if not value >= 0:
+                raise BidirLMError(f"{option} {value} must be a weight >= 0")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise BidirLMError(f"loss_chunk_size {loss_chunk_size} must be a positive number of positions or null")
         self.load_balance = load_balance
+        self.kl_to_base = kl_to_base
+        self.expert1_penalty = expert1_penalty
         self.loss_chunk_size = loss_chunk_size
 
+    def base_hidden_states(self, batch: dict) -> torch.Tensor:
+        """Hidden states of the base model (expert 0 in every layer), without gradient."""
+        ffns = ubmoe_ffns(self.backbone)
+        routings = [f.routing for f in ffns]
+        try:
+            for f in ffns:
+                f.routing = "forced0"
+            with torch.no_grad():
+                return self.hidden_states(batch, bidirectional=False)
+        finally:
+            for f, routing in zip(ffns, routings):
+                f.routing = routing
+
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        base_BTD = self.base_hidden_states(batch) if self.kl_to_base > 0 else None
         hidden_BTD = self.hidden_states(batch, bidirectional=False)
         lm = causal_lm_loss(hidden_BTD, batch, self.backbone.get_output_embeddings(),
-                            chunk_size=self.loss_chunk_size, softcap=final_logit_softcap(self.backbone))
+                            chunk_size=self.loss_chunk_size, softcap=final_logit_softcap(self.backbone),
+                            reference_BTD=base_BTD)
         lm_loss = self.global_token_mean(lm.loss, lm.count)
         out = {"lm_loss": lm_loss.detach(), "perplexity": lm_loss.detach().exp()}
         loss = lm_loss
+        if lm.kl is not None:
+            kl = self.global_token_mean(lm.kl, lm.count)
+            out["kl_to_base"] = kl.detach()
+            loss = loss + self.kl_to_base * kl
         ffns = [f for f in ubmoe_ffns(self.backbone) if f.last_probs_BTE is not None]
         if ffns:
             mask_BT = token_mask(batch)
@@ -247,5 +278,16 @@ class UBMoEStage2(_UBMoEStage):
             out["balance_loss"] = balance.detach()
             if self.load_balance > 0:
                 loss = loss + self.load_balance * balance
+            expert1 = torch.stack([_mean_over_tokens(f.last_probs_BTE[..., 1], mask_BT) for f in ffns]).mean()
+            out["expert1_prob"] = expert1.detach()
+            if self.expert1_penalty > 0:
+                loss = loss + self.expert1_penalty * expert1
         out["loss"] = loss
         return out
+
+
+def _mean_over_tokens(values_BT: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
+    if mask_BT is None:
+        return values_BT.mean()
+    mask = mask_BT.to(values_BT.dtype)
+    return (values_BT * mask).sum() / mask.sum().clamp(min=1)

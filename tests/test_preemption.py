@@ -9,6 +9,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,3 +144,26 @@ def test_resuming_with_changed_stage_options_lists_them_before_training(tmp_path
     out = resumed.stdout
     assert "the checkpoint's stage options are used where the config differs" in out
     assert "loss_chunk_size: 64 in the checkpoint, 32 in the config" in out
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replace_path_swaps_a_complete_folder_in_and_the_target_never_holds_a_mix(tmp_path, monkeypatch, exchange):
+    """Sharded checkpoint folders and exports: the target is the old folder or the new one, whole."""
+    from bidirlm_pl import checkpoint_io
+
+    if not exchange:  # the fallback where renameat2 is missing: move aside, rename, remove
+        monkeypatch.setattr(checkpoint_io, "_exchange", lambda a, b: False)
+    target, staging = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.partial"
+    target.mkdir()
+    (target / "old.distcp").write_text("old")
+    staging.mkdir()
+    (staging / "new.distcp").write_text("new")
+    (staging / ".metadata").write_text("meta")
+    checkpoint_io.replace_path(staging, target)
+    assert sorted(p.name for p in target.iterdir()) == [".metadata", "new.distcp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # nothing left beside it
+    file_staging = tmp_path / ".f.tmp"
+    file_staging.write_text("2")
+    (tmp_path / "f").write_text("1")
+    checkpoint_io.replace_path(file_staging, tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "2" and not file_staging.exists()

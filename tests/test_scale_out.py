@@ -132,6 +132,8 @@ def test_fsdp2_sharded_checkpoints_resume_and_export(mntp_one_process, tmp_path)
     full = fit(tmp_path / "full", MNTP, *FSDP2, *MNTP_ARGS, *sharded, devices=2, checkpoints=True)
     ckpt = full / "ckpt" / "step=2.ckpt"
     assert ckpt.is_dir() and (ckpt / ".metadata").is_file()  # sharded: one folder of shards
+    # written by AtomicModelParallelStrategy (the CLI's stand-in for Lightning's): staged, then renamed
+    assert not [p.name for p in (full / "ckpt").iterdir() if p.name.startswith(".")]
     assert_same_run(mntp_one_process, full)
     resumed = fit(tmp_path / "resumed", MNTP, *FSDP2, *MNTP_ARGS, *sharded, "--ckpt_path", str(ckpt), devices=2)
     ref, got = losses(full), losses(resumed)
@@ -140,3 +142,56 @@ def test_fsdp2_sharded_checkpoints_resume_and_export(mntp_one_process, tmp_path)
     out = tmp_path / "exported"
     run([sys.executable, "-m", "bidirlm_pl.cli", "export", "--ckpt", str(full / "ckpt" / "step=4.ckpt"), "--output", str(out)])
     assert max_difference(weights(mntp_one_process / "hf"), weights(out)) <= TOL
+
+
+def test_sigterm_to_the_main_process_of_two_fsdp2_ranks_saves_shards_and_resumes_exactly(mntp_one_process, tmp_path):
+    """The ranks agree on the signal at a step boundary, save one sharded preemption folder, exit 75; the same
+    command resumes from it and ends with the one-process run's weights."""
+    import signal
+    import time
+
+    sharded = ["--trainer.strategy.init_args.save_distributed_checkpoint", "true"]
+    root, markers = tmp_path / "preempted", tmp_path / "markers"
+    slow = ["--trainer.callbacks+=slow_steps.SlowSteps", "--trainer.callbacks.marker_dir", str(markers)]
+    cmd = fit_command(root, MNTP, *FSDP2, *MNTP_ARGS, *sharded, *slow, devices=2)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (markers / "step-1").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the launcher's process (rank 0) only
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    preempted = root / "preempted.ckpt"
+    assert preempted.is_dir() and (preempted / ".metadata").is_file(), err[-2000:]
+    assert not (root / "hf").exists() and not list(root.glob(".preempted.ckpt*"))
+    run(cmd, env={"PYTHONPATH": env["PYTHONPATH"]})
+    assert not preempted.exists(), "a finished fit removes its preemption checkpoint"
+    assert max_difference(weights(mntp_one_process / "hf"), weights(root / "hf")) <= TOL
+    ref, got = losses(mntp_one_process), losses(root)
+    assert all(abs(got[s] - ref[s]) <= TOL for s in got) and sorted(got) == [0, 1, 2, 3], (ref, got)
+
+
+def test_rank_shares_cover_the_one_process_batches_once_and_pad_with_marked_copies():
+    from bidirlm_pl.data.validation import PADDING, RankShare, is_padding
+
+    batches = [{"i": i} for i in range(5)]
+    shares = [list(RankShare(batches, rank, 2)) for rank in range(2)]
+    assert [len(s) for s in shares] == [3, 3]  # equal counts: the ranks' forwards stay in step
+    real = [b["i"] for s in shares for b in s if PADDING not in b]
+    assert sorted(real) == [0, 1, 2, 3, 4]
+    filler = shares[1][-1]
+    assert is_padding(filler) and PADDING not in filler and filler == batches[0] and PADDING not in batches[0]
+
+
+def test_mntp_validation_under_ddp_equals_one_process_with_an_uneven_number_of_batches(tmp_path):
+    """3 validation batches over 2 ranks: Lightning's sampler would count batch 0 twice; ours counts each once."""
+    val = ["--trainer.limit_val_batches", "1.0", "--trainer.val_check_interval", "2", "--trainer.max_steps", "2",
+           "--data.init_args.val_max_batches", "3"]
+    one = fit(tmp_path / "one", MNTP, *MNTP_ARGS, *val, steps=2)
+    ddp = fit(tmp_path / "ddp", MNTP, *MNTP_ARGS, *DDP2, *val, devices=2, steps=2)
+    for key in ("val/loss", "val/accuracy"):
+        ref, got = losses(one, key), losses(ddp, key)
+        assert sorted(ref) == sorted(got) == [1], (key, ref, got)
+        assert abs(ref[1] - got[1]) <= TOL, (key, ref, got)

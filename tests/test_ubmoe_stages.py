@@ -114,6 +114,49 @@ def test_stage2_router_gets_gradient_and_frozen_parameters_stay(stage1_folder, r
     assert all(f.routing == routing for f in moe.ubmoe_ffns(stage.backbone))
 
 
+def test_stage2_kl_to_base_equals_the_full_logits_kl_to_the_forced0_model(stage1_folder):
+    """The reference is the model itself with expert 0 everywhere (the base); routing is restored after."""
+    import torch.nn.functional as F
+
+    from bidirlm_pl.mntp_loss import next_token_labels, prediction_mask
+
+    stage = UBMoEStage2(backbone=str(stage1_folder), kl_to_base=2.0, expert1_penalty=0.5, loss_chunk_size=7,
+                        optimizer=_sgd)
+    data = UBMoETextData(tokenizer=str(stage1_folder), max_length=48, batch_size=2, holdout=10)
+    stage.configure_model()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    out = stage.step(batch)
+    assert all(f.routing == "soft" for f in moe.ubmoe_ffns(stage.backbone))
+    ids = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids")}
+    with torch.no_grad():
+        routed = stage.backbone(**ids).logits
+        moe.set_routing(stage.backbone, "forced0")
+        base = stage.backbone(**ids).logits
+        moe.set_routing(stage.backbone, "soft")
+    valid = prediction_mask(next_token_labels(batch["input_ids"], seq_ids_BT=batch.get("seq_ids")),
+                            batch.get("seq_ids"))
+    want = F.kl_div(routed[:, :-1][valid].float().log_softmax(-1), base[:, :-1][valid].float().log_softmax(-1),
+                    log_target=True, reduction="batchmean")
+    assert want > 0 and abs(float(out["kl_to_base"]) - float(want)) <= 1e-5 * max(1.0, float(want))
+    expected = out["lm_loss"] + 2.0 * out["kl_to_base"] + 0.5 * out["expert1_prob"]
+    assert torch.allclose(out["loss"], expected, atol=1e-6)
+    assert 0 < float(out["expert1_prob"]) < 1
+
+
+def test_stage2_expert1_penalty_pulls_every_router_toward_expert0(stage1_folder):
+    data = UBMoETextData(tokenizer=str(stage1_folder), max_length=48, batch_size=2, holdout=10)
+    shares = {}
+    for penalty in (0.0, 50.0):
+        torch.manual_seed(0)
+        stage = UBMoEStage2(backbone=str(stage1_folder), expert1_penalty=penalty, optimizer=_sgd)
+        _trainer(3).fit(stage, datamodule=data)
+        data.setup("fit")
+        with torch.no_grad():
+            shares[penalty] = float(stage.step(next(iter(data.train_dataloader())))["expert1_prob"])
+    assert shares[50.0] < shares[0.0] - 0.05, shares
+
+
 def test_router_stats_shares_count_real_tokens(stage1_folder):
     model, _ = moe.load_ubmoe(stage1_folder)
     with torch.no_grad():
@@ -139,6 +182,8 @@ def test_router_stats_shares_count_real_tokens(stage1_folder):
     (lambda m, f: UBMoEStage2(backbone=m), "is not a UBMoE folder"),
     (lambda m, f: UBMoEStage2(backbone=f, routing="forced1"), "routing 'forced1' gives no gradient"),
     (lambda m, f: UBMoEStage2(backbone=f, load_balance=-1), "load_balance -1"),
+    (lambda m, f: UBMoEStage2(backbone=f, kl_to_base=-0.5), "kl_to_base -0.5 must be a weight >= 0"),
+    (lambda m, f: UBMoEStage2(backbone=f, expert1_penalty=float("nan")), "expert1_penalty nan must be"),
     (lambda m, f: UBMoEPairsData(tokenizer=m, batch_size=1), "batch_size 1 must be >= 2"),
 ])
 def test_stage_configs_that_would_train_nothing_fail_before_training(tiny_qwen3, stage1_folder, make, match):
@@ -175,7 +220,7 @@ def test_cli_stage1_then_stage2_end_to_end(tmp_path, monkeypatch):
     moe.set_mode_routing(model2, "generate", "forced0")
     moe.set_mode(model2, "generate")
     ids = tok(["The river"], return_tensors="pt").input_ids
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
     with torch.no_grad():
         assert torch.equal(model2.generate(ids, **kw), original.generate(ids, **kw))
 
@@ -223,8 +268,9 @@ def test_tiny_stage1_does_not_collapse_and_keeps_expert0(tmp_path, monkeypatch, 
     Threshold: a SimCSE collapse maps every text to one direction (effective rank ~1, the failure seen
     on Gemma3-270M at lr 3e-4); we require at least half the untrained model's effective rank.
     """
-    from bidirlm_pl.assets import lee_documents
     from bidirlm_pl.moe.evaluate import embed_texts
+
+    from bidirlm_pl.assets import lee_documents
 
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", str(CONFIGS / "stage1-tiny.yaml"), "--trainer.max_steps=12",

@@ -144,7 +144,10 @@ class LabelledTextDataModule(L.LightningDataModule):
                           collate_fn=self.collate, drop_last=len(self.train_indices) >= self.batch_size)
 
     def val_dataloader(self):
-        return DataLoader(self.val_indices, batch_size=self.batch_size, collate_fn=self.collate)
+        from bidirlm_pl.data.validation import rank_loader
+
+        rows, size = self.val_indices, self.batch_size  # the one-process batches, shared out over the ranks
+        return rank_loader([self.collate(rows[i:i + size]) for i in range(0, len(rows), size)], self)
 
     def test_dataloader(self):
         return self.val_dataloader()

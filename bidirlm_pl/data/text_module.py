@@ -353,7 +353,9 @@ class TextDataModule(ResumableStream, L.LightningDataModule):
                           collate_fn=_identity)
 
     def val_dataloader(self):
-        return DataLoader(self._val_batches, batch_size=None, collate_fn=_identity) if self._val_batches else []
+        from bidirlm_pl.data.validation import rank_loader
+
+        return rank_loader(self._val_batches, self)
 
     def test_dataloader(self):
         return self.val_dataloader()

@@ -5,7 +5,8 @@ Each task kind reads one record shape (one JSON object per line):
 =================  ===============================================  ==========================================
 kind               record                                           built-in data (offline)
 =================  ===============================================  ==========================================
-perplexity         ``{"text": str}``                                ``lee``: the 50 rated Lee news documents
+perplexity         ``{"text": str}``                                ``lee``: the 50 rated Lee news documents;
+                                                                    ``wiki``: 88 English Wikipedia articles
 dependence         ``{"text": str}``                                ``lee``
 multiple_choice    ``{"context": str, "choices": [str], "answer": int}``  ``capitals``: "Athens is the capital of" -> Greece
 sts                ``{"text1": str, "text2": str, "score": float}``  ``lee-sts``: 1,225 Lee pairs, human ratings
@@ -71,7 +72,7 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
 
 def builtin(name: str) -> list[dict]:
     """Records of a built-in data set (see the table above)."""
-    makers = {"lee": _lee, "lee-sts": _lee_sts, "newsgroups": _newsgroups,
+    makers = {"lee": _lee, "wiki": _wiki, "lee-sts": _lee_sts, "newsgroups": _newsgroups,
               "newsgroup-subjects": _newsgroup_subjects, "polarity": _polarity, "capitals": _capitals}
     if name not in makers:
         raise BidirLMError(f"unknown built-in evaluation data '{name}'; expected one of {sorted(makers)}")
@@ -79,7 +80,7 @@ def builtin(name: str) -> list[dict]:
 
 
 def builtin_names_for(kind: str) -> list[str]:
-    return {"perplexity": ["lee"], "dependence": ["lee"], "multiple_choice": ["capitals"], "sts": ["lee-sts"],
+    return {"perplexity": ["lee", "wiki"], "dependence": ["lee"], "multiple_choice": ["capitals"], "sts": ["lee-sts"],
             "retrieval": ["newsgroup-subjects"], "classification": ["polarity", "newsgroups"],
             "clustering": ["newsgroups"]}[kind]
 
@@ -88,6 +89,38 @@ def _lee() -> list[dict]:
     from bidirlm_pl import assets
 
     return [{"text": t} for t in assets.lee_documents()]
+
+
+WIKI_ARTICLE_CHARS = 4000  # an article's opening prose: longer than any perplexity window (~1,000 tokens)
+
+
+def _wiki() -> list[dict]:
+    """Out-of-domain English: the opening prose of the articles in gensim's shortened Wikipedia dump.
+
+    Encyclopedic register and 2010s topics (albedo, anarchism, ...), unlike the Lee corpus's 2000s
+    Australian news that the stages train on. Markup is stripped with gensim's own ``filter_wiki``;
+    headings, lists, tables and lines under 20 words are dropped; redirects and stubs are skipped.
+    """
+    import bz2
+
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    from bidirlm_pl.assets import _gensim_data
+
+    dump = _gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    records = []
+    with bz2.open(dump) as stream:
+        for _title, markup, _page in extract_pages(stream):
+            if markup.lstrip().lower().startswith("#redirect"):
+                continue
+            text = re.sub(r"'{2,}", "", filter_wiki(markup))
+            prose = [re.sub(r"\s+", " ", line).strip() for line in text.splitlines()]
+            prose = [re.sub(r" ?\([\s;,]*\)", "", line) for line in prose
+                     if len(line.split()) >= 20 and not line.startswith(("=", "*", "|", "!", "{", "NOTE"))]
+            article = " ".join(prose)[:WIKI_ARTICLE_CHARS].rsplit(" ", 1)[0]
+            if len(article) >= WIKI_ARTICLE_CHARS // 2:
+                records.append({"text": article})
+    return records
 
 
 def _lee_sts() -> list[dict]:

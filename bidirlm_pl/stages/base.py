@@ -236,15 +236,19 @@ class BackboneStage(L.LightningModule):
         return value * (count.to(value.device, torch.float32) * self.world_size / total.clamp(min=1))
 
     def validation_step(self, batch, batch_idx):
-        out = self.step(batch)
-        self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, sync_dist=True,
-                      batch_size=self.batch_size_of(batch))
-        return out["loss"]
+        return self._evaluate(batch, "val")
 
     def test_step(self, batch, batch_idx):
+        return self._evaluate(batch, "test")
+
+    def _evaluate(self, batch, prefix: str) -> torch.Tensor:
+        """Log the step's values, weighted by rows (a rank's filler batch weighs 0: data/validation.py)."""
+        from bidirlm_pl.data.validation import is_padding
+
+        weight = 0 if is_padding(batch) else self.batch_size_of(batch)
         out = self.step(batch)
-        self.log_dict({f"test/{k}": v for k, v in out.items()}, sync_dist=True,
-                      batch_size=self.batch_size_of(batch))
+        self.log_dict({f"{prefix}/{k}": v for k, v in out.items()}, prog_bar=prefix == "val", sync_dist=True,
+                      batch_size=weight)
         return out["loss"]
 
     def configure_callbacks(self):

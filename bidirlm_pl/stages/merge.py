@@ -140,11 +140,15 @@ class MergeStage(BackboneStage):
         return {"loss": loss, "accuracy": accuracy}
 
     def validation_step(self, batch, batch_idx):
+        from bidirlm_pl.data.validation import is_padding
+
+        padding = is_padding(batch)  # a rank's filler batch (data/validation.py): computed, not counted
         logits_BC = self.logits(batch)
         loss = F.cross_entropy(logits_BC.float(), batch["labels"])
-        self.val_accuracy.update(logits_BC, batch["labels"])
-        self.val_f1.update(logits_BC, batch["labels"])
-        self.log("val/loss", loss, batch_size=len(batch["labels"]), sync_dist=True, prog_bar=True)
+        if not padding:
+            self.val_accuracy.update(logits_BC, batch["labels"])
+            self.val_f1.update(logits_BC, batch["labels"])
+        self.log("val/loss", loss, batch_size=0 if padding else len(batch["labels"]), sync_dist=True, prog_bar=True)
         return loss
 
     def on_validation_epoch_end(self):
@@ -159,8 +163,11 @@ class MergeStage(BackboneStage):
         self.log_dict({"val/best_f1": summary["best_f1"], "val/steps_to_target": float(summary["steps_to_target"])})
 
     def test_step(self, batch, batch_idx):
+        from bidirlm_pl.data.validation import is_padding
+
+        weight = 0 if is_padding(batch) else len(batch["labels"])
         out = self.step(batch)
-        self.log_dict({f"test/{k}": v for k, v in out.items()}, batch_size=len(batch["labels"]), sync_dist=True)
+        self.log_dict({f"test/{k}": v for k, v in out.items()}, batch_size=weight, sync_dist=True)
 
     def convergence(self) -> dict:
         """Best validation F1 so far and the first step that reached ``target_fraction`` of it."""

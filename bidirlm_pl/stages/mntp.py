@@ -57,9 +57,12 @@ class MNTPStage(BackboneStage):
                 "accuracy": self.global_token_mean(out.accuracy, out.count)}
 
     def _evaluate(self, batch: dict, prefix: str) -> torch.Tensor:
+        from bidirlm_pl.data.validation import is_padding
+
+        padding = is_padding(batch)
         out = self.mntp(batch)
         # weight each batch by its masked-token count: epoch values are token-level means
-        n = max(1, int(out.count))
+        n = 0 if padding else max(1, int(out.count))
         self.log(f"{prefix}/loss", out.loss, batch_size=n, sync_dist=True, prog_bar=prefix == "val")
         self.log(f"{prefix}/accuracy", out.accuracy, batch_size=n, sync_dist=True, prog_bar=prefix == "val")
         return out.loss

@@ -1,0 +1,52 @@
+"""Validation and test batches split over the ranks so that N processes measure what one process does.
+
+Lightning's default puts a ``DistributedSampler`` in front of a map-style loader: each rank takes every
+N-th item and the last ranks are padded with *repeats* of the first items, so whenever the number of
+batches is not a multiple of N some are counted twice and the logged means differ from one process's.
+Here every rank walks its share of the one-process batch list (``rank::world``), and ranks with fewer
+batches evaluate a copy of batch 0 marked with :data:`PADDING`: it keeps the collective calls of the
+forward (FSDP2 all-gathers) in step across ranks, and the stages log it with weight 0. With
+``sync_dist`` Lightning reduces sums and weights separately, so the epoch values are exactly the
+one-process ones.
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import DataLoader, IterableDataset
+
+from bidirlm_pl.data.global_batches import world_of
+
+PADDING = "padding_batch"
+
+
+class RankShare(IterableDataset):
+    """The batches of one rank (an iterable dataset: Lightning adds no sampler of its own)."""
+
+    def __init__(self, batches: list, rank: int = 0, world: int = 1):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return -(-len(self.batches) // self.world)
+
+    def __iter__(self):
+        mine = self.batches[self.rank::self.world]
+        yield from mine
+        for _ in range(len(self) - len(mine)):
+            yield {**self.batches[0], PADDING: True}
+
+
+def _identity(batch):
+    return batch
+
+
+def rank_loader(batches: list, module) -> DataLoader | list:
+    """A loader over this rank's share of ``batches`` (the one-process list); ``[]`` when there are none."""
+    if not batches:
+        return []
+    world, rank = world_of(module)
+    return DataLoader(RankShare(batches, rank, world), batch_size=None, collate_fn=_identity)
+
+
+def is_padding(batch) -> bool:
+    """True for a rank's filler batch (log it with weight 0); removes the mark from the batch."""
+    return isinstance(batch, dict) and bool(batch.pop(PADDING, False))
