@@ -115,6 +115,8 @@ def test_jsonl_errors_name_the_file_and_line(tmp_path):
     ({"name": "t", "kind": "clustering", "data": "polarity"}, "does not fit kind 'clustering'"),
     ({"name": "t", "kind": "sts", "prompts": ["x"]}, "'prompts' belongs to continuation"),
     ({"name": "t", "kind": "continuation", "data": "lee"}, "takes 'prompts', not data"),
+    ({"name": "t", "kind": "perplexity", "domain": "inside"}, "domain 'inside' is for perplexity tasks, one of"),
+    ({"name": "t", "kind": "sts", "domain": "out"}, "domain 'out' is for perplexity tasks"),
 ])
 def test_contradictory_task_fields_are_one_line_errors(entry, message):
     with pytest.raises(BidirLMError, match=message):
@@ -168,3 +170,13 @@ def test_compare_writes_table_json_and_plot(tiny_qwen3, tmp_path):
         compare([str(tiny_qwen3), str(tiny_qwen3)], attention=["causal"], config=str(suite))
     with pytest.raises(BidirLMError, match="already exists"):
         compare([str(tiny_qwen3)], config=str(suite), output=str(out))
+
+
+def test_wiki_is_out_of_domain_english_with_markup_stripped():
+    from bidirlm_pl.evaluation.task_data import builtin
+
+    records = builtin("wiki")
+    assert len(records) == 96 and records[0]["text"].startswith("Anarchism is a political philosophy")
+    text = " ".join(r["text"] for r in records)
+    assert not any(mark in text for mark in ("[[", "]]", "{{", "''", "<ref"))
+    assert all(500 <= len(r["text"]) <= 1000 for r in records)

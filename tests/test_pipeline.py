@@ -89,7 +89,11 @@ def test_ubmoe_tiny_recipe_compares_four_variants(tmp_path, monkeypatch):
     ppl = original["lee-perplexity"]["perplexity"]
     assert forced0["lee-perplexity"]["perplexity"] == pytest.approx(ppl, rel=1e-5)
     assert rows["naive-bi-ffn"]["lee-perplexity"]["perplexity"] != pytest.approx(ppl, rel=1e-5)
-    assert (Path(outputs["compare"]) / "report.md").is_file()
+    # in / out of domain, beside the first model: forced0 is the original on both sides
+    md = (Path(outputs["compare"]) / "report.md").read_text()
+    out_ppl = original["wiki-perplexity"]["perplexity"]
+    assert f"| original | {ppl:.2f} (x1.000) | {out_ppl:.2f} (x1.000) |" in md
+    assert f"| ubmoe-forced0 | {ppl:.2f} (x1.000) | {out_ppl:.2f} (x1.000) |" in md
 
 
 def test_tiny_ablation_recipe_writes_table_json_and_plot(tmp_path, monkeypatch):

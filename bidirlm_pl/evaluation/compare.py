@@ -97,6 +97,7 @@ def markdown(results, suite) -> str:
             score = r.mean_embedding_score(suite)
             cells.append("-" if score is None else f"{score:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += domain_table(results, suite)
     for t in suite.tasks:
         if t.kind != "continuation":
             continue
@@ -107,6 +108,36 @@ def markdown(results, suite) -> str:
                 text = r.results[t.name]["texts"][i].replace("|", "/").replace("\n", " ")
                 lines.append(f"| {r.name} | {text} |")
     return "\n".join(lines) + "\n"
+
+
+def domain_table(results, suite) -> list[str]:
+    """Perplexity in / out of the training domain, each model beside the first one (the base, by convention).
+
+    A task says its side with ``domain: in`` or ``domain: out``; several tasks on one side are averaged
+    as a geometric mean. Empty unless the suite has a task on each side.
+    """
+    import math
+
+    sides = {d: [t for t in suite.tasks if t.kind == "perplexity" and t.domain == d] for d in ("in", "out")}
+    if not all(sides.values()) or not results:
+        return []
+
+    def mean(r, tasks):
+        values = [r.main(t) for t in tasks]
+        return None if None in values else math.exp(sum(math.log(v) for v in values) / len(values))
+
+    base = results[0]
+    ref = {d: mean(base, tasks) for d, tasks in sides.items()}
+    names = {d: ", ".join(t.name for t in tasks) for d, tasks in sides.items()}
+    lines = ["", f"Generation in domain ({names['in']}) and out of domain ({names['out']}): causal perplexity, "
+             f"and its ratio to {base.name}:", "", "| model | in domain | out of domain |", "|---|---:|---:|"]
+    for r in results:
+        cells = []
+        for d in ("in", "out"):
+            value = mean(r, sides[d])
+            cells.append("-" if value is None or ref[d] is None else f"{value:.2f} (x{value / ref[d]:.3f})")
+        lines.append(f"| {r.name} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def plot(results, suite, target: Path) -> bool:

@@ -37,6 +37,7 @@ MAIN_METRIC = {"perplexity": "perplexity", "multiple_choice": "accuracy", "sts":
                "retrieval": "ndcg@10", "classification": "accuracy", "clustering": "v_measure",
                "dependence": "dp_after", "mteb": "mean", "lm_eval": "mean"}
 ATTENTIONS = ("bidirectional", "causal")
+DOMAINS = ("in", "out")
 DEFAULT_PROMPTS = ["The prime minister said on Tuesday that"]
 
 
@@ -54,11 +55,14 @@ class TaskSpec:
     benchmark: str | None = None      # mteb only: a benchmark by name, e.g. "MTEB(eng, v2)"
     num_fewshot: int | None = None    # lm_eval only
     include_path: str | None = None   # lm_eval only: a folder of local task YAMLs
+    domain: str | None = None         # perplexity only: "in" or "out" of the training data's domain
 
     def __post_init__(self):
         where = f"task '{self.name}'"
         if self.kind not in KINDS:
             raise BidirLMError(f"{where}: unknown kind '{self.kind}'; expected one of {list(KINDS)}")
+        if self.domain is not None and (self.kind != "perplexity" or self.domain not in DOMAINS):
+            raise BidirLMError(f"{where}: domain '{self.domain}' is for perplexity tasks, one of {list(DOMAINS)}")
         harness_fields = {"tasks": self.tasks, "benchmark": self.benchmark, "num_fewshot": self.num_fewshot,
                           "include_path": self.include_path}
         if self.kind in HARNESS_KINDS:
@@ -163,7 +167,8 @@ def load_suite(path: str | Path | None) -> Suite:
 
 def default_tasks() -> list[dict]:
     return [
-        {"name": "lee-perplexity", "kind": "perplexity"},
+        {"name": "lee-perplexity", "kind": "perplexity", "domain": "in"},
+        {"name": "wiki-perplexity", "kind": "perplexity", "data": "wiki", "domain": "out"},
         {"name": "continuation", "kind": "continuation"},
         {"name": "capitals", "kind": "multiple_choice"},
         {"name": "lee-sts", "kind": "sts"},
