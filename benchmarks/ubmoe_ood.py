@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--documents", type=int, default=12, help="documents per domain")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--output", required=True, help="folder for the runs and results.json")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure a setting's existing OUTPUT/NAME/hf instead of training it again")
     args = parser.parse_args(argv)
 
     from bidirlm_pl.evaluation.task_data import builtin
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
         cmd = [str(Path(sys.executable).with_name("bidirlm")), "fit", "--config", str(config),
                f"--model.init_args.backbone.model={args.stage1}", *shlex.split(overrides)]
         t0 = time.time()
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        if not (args.reuse and (run / "hf" / "config.json").is_file()):
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         seconds = time.time() - t0
         measured = measure(str(run / "hf"), domains, args.max_length)
         rows[name] = {"overrides": overrides, "stage2_seconds": round(seconds, 1)}

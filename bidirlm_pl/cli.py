@@ -52,6 +52,10 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
     from bidirlm_pl.stages.base import BackboneStage
 
     class BidirLMCLI(LightningCLI):
+        def init_parser(self, **kwargs):
+            # a bad option or value raises (main prints it on one line) instead of printing the usage and exiting
+            return super().init_parser(**kwargs, exit_on_error=False)
+
         def add_arguments_to_parser(self, parser):
             # every DataModule takes the tokenizer of the model it feeds
             parser.link_arguments("model.init_args.backbone.model", "data.init_args.tokenizer")
@@ -140,11 +144,23 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
 
     from bidirlm_pl import run_lock
 
+    _check_config_files(sys.argv[1:] if argv is None else argv)
     count = run_lock.held()
     try:
         return _build(BidirLMCLI, BackboneStage, L, argv)
     finally:
         run_lock.release_since(count)  # the fit's own lock; an enclosing `bidirlm run` keeps its own
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Every ``--config``/``-c`` file exists and holds a YAML mapping (one line otherwise, before any import)."""
+    from bidirlm_pl.yaml_files import read_yaml_mapping
+
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if (
+            arg in ("--config", "-c") and i + 1 < len(argv)) else None
+        if path is not None and not path.lstrip().startswith(("{", "[")):  # inline YAML is the parser's
+            read_yaml_mapping(path, "config", hint="see configs/")
 
 
 def _build(cli_class, stage_class, L, argv):
@@ -169,9 +185,16 @@ def run_lightning(argv: list[str], *, export_dir: str | None = None):
     return _lightning_cli(argv, export_dir=export_dir)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown option, missing or bad value) are one-line errors, not usage + exit."""
+
+    def error(self, message):
+        raise BidirLMError(f"{self.prog}: {message} ({self.prog} --help lists the options)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported (``--help`` imports none)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="bidirlm",
         description="Turn causal decoder LLMs into bidirectional encoders (PyTorch Lightning).",
         epilog="Run 'bidirlm COMMAND --help' for a command's options.",
@@ -217,12 +240,30 @@ def main(argv: list[str] | None = None) -> int:
               "the partial output was removed and earlier outputs are untouched: free space and rerun",
               file=sys.stderr)
         return 2
+    except argparse.ArgumentError as err:  # LightningCLI's parser: a bad option, key or value
+        message = parser_message(str(err))
+        command = f" {argv[0]}" if argv else ""
+        print(f"bidirlm: error: {message} (bidirlm{command} --help lists the options)", file=sys.stderr)
+        return 2
     except ValueError as err:  # jsonargparse wraps errors raised while instantiating a config's classes
         cause = _bidirlm_cause(err)
         if cause is None:
             raise
         print(f"bidirlm: error: {cause}", file=sys.stderr)
         return 2
+
+
+def parser_message(text: str) -> str:
+    """jsonargparse's multi-line error as one line; for a class option, the class and its own problem only."""
+    import re
+
+    flat = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    nested = re.search(r"Problem with given class_path '([^']+)': (.*?)(?: - Expected a <class 'NoneType'>| - |$)", flat)
+    if nested is None:
+        return flat
+    key = re.match(r'Parser key "([^"]+)"', flat)
+    inner = re.sub(r'^Parser key "([^"]+)": ', r"\1: ", nested.group(2))
+    return f"{key.group(1) if key else 'config'} ({nested.group(1)}): {inner}"
 
 
 def _bidirlm_cause(err: BaseException) -> BidirLMError | None:

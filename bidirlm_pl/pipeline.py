@@ -26,9 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.yaml_files import read_yaml_mapping
 
 STAGE_KEYS = {"name", "fit", "args", "model", "command"}
 
@@ -44,9 +43,7 @@ class Stage:
 
 def load_recipe(path: str | Path) -> tuple[Path, list[Stage]]:
     path = Path(path)
-    if not path.is_file():
-        raise BidirLMError(f"recipe '{path}' does not exist; expected a YAML file (see configs/recipes/)")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = read_yaml_mapping(path, "recipe", hint="see configs/recipes/")
     stages = []
     for i, raw in enumerate(recipe.get("stages") or []):
         unknown = set(raw) - STAGE_KEYS

@@ -67,6 +67,9 @@ def slow(src, dst):
     time.sleep(60)  # the parent kills us here: the new folder is complete but not yet in place
     real(src, dst)
 os.replace = slow
+from bidirlm_pl import checkpoint_io  # the atomic swap (renameat2) of an existing folder: as slow
+real_exchange = checkpoint_io._exchange
+checkpoint_io._exchange = lambda a, b: (time.sleep(60), real_exchange(a, b))[1]
 if sys.argv[1] == "export":
     from bidirlm_pl import load_backbone
     from bidirlm_pl.export import save_hf_folder

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.evaluation.task_data import FIELDS, builtin, builtin_names_for, read_jsonl
+from bidirlm_pl.yaml_files import read_yaml_mapping
 
 GENERATION_KINDS = ("perplexity", "continuation", "multiple_choice", "lm_eval")
 EMBEDDING_KINDS = ("sts", "retrieval", "classification", "clustering", "mteb")
@@ -139,9 +139,7 @@ def load_suite(path: str | Path | None) -> Suite:
         raw = {"name": DEFAULT_SUITE, "tasks": default_tasks()}
     else:
         path = Path(path)
-        if not path.is_file():
-            raise BidirLMError(f"compare config '{path}' does not exist; expected a YAML file (see configs/compare/)")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml_mapping(path, "compare config", hint="see configs/compare/")
         raw.setdefault("name", path.stem)
     allowed = {f.name for f in fields(Suite)}
     if set(raw) - allowed:

@@ -45,14 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_yaml_spec(path: str | Path) -> dict:
     """The MergeSpec fields of a YAML file; unknown keys are an error naming the key."""
-    import yaml
+
+    from bidirlm_pl.yaml_files import read_yaml_mapping
 
     path = Path(path)
-    if not path.is_file():
-        raise BidirLMError(f"merge config '{path}' does not exist; expected a YAML file")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise BidirLMError(f"merge config '{path}' is not a mapping of MergeSpec fields")
+    values = read_yaml_mapping(path, "merge config", hint="see configs/merge/")
     unknown = sorted(set(values) - SPEC_FIELDS)
     if unknown:
         import difflib

@@ -52,12 +52,11 @@ class OmniSpec:
 
     @classmethod
     def load(cls, path: str | Path, output: str | None = None, overwrite: bool = False) -> OmniSpec:
-        import yaml
+
+        from bidirlm_pl.yaml_files import read_yaml_mapping
 
         path = Path(path)
-        if not path.is_file():
-            raise BidirLMError(f"compose config '{path}' does not exist; expected a YAML file (see configs/omni/)")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml_mapping(path, "compose config", hint="see configs/omni/")
         unknown = set(raw) - {"output", "sources"}
         if unknown:
             raise BidirLMError(f"compose config '{path}' has unknown key '{min(unknown)}'; expected output, sources")

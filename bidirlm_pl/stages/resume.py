@@ -107,6 +107,9 @@ def _same_model(a: str, b: str) -> bool:
     return a == b or (pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve())
 
 
+LIGHTNING_CKPT_WORDS = ("last", "best", "hpc", "registry")  # Lightning resolves these names itself
+
+
 def check_resume_model(config, ckpt_path) -> None:
     """One-line error when ``--ckpt_path`` was trained as another stage or from another model than configured.
 
@@ -114,6 +117,9 @@ def check_resume_model(config, ckpt_path) -> None:
     """
     if not ckpt_path:
         return
+    if str(ckpt_path) not in LIGHTNING_CKPT_WORDS and not Path(ckpt_path).exists():
+        raise BidirLMError(f"ckpt_path '{ckpt_path}' does not exist; expected a checkpoint written by `bidirlm fit` "
+                           "(a .ckpt file or a sharded folder) or 'last'")
     hparams = _saved_hparams(Path(ckpt_path))
     model = config.get("model") if hasattr(config, "get") else None
     if not hparams or model is None:
