@@ -128,6 +128,9 @@ def test_suite_file_errors(tmp_path):
     path.write_text("tasks:\n  - {name: a, kind: sts, colour: red}\n")
     with pytest.raises(BidirLMError, match=r"task 'a' has unknown keys \['colour'\]"):
         load_suite(path)
+    path.write_text("tasks:\n  - {name: a, kind: perplexity, limt: 3}\n")
+    with pytest.raises(BidirLMError, match=r"unknown keys \['limt'\]; did you mean 'limit'\?"):
+        load_suite(path)
     path.write_text("tasks: []\n")
     with pytest.raises(BidirLMError, match="lists no tasks"):
         load_suite(path)

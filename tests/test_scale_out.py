@@ -23,8 +23,12 @@ DDP2 = ["--trainer.strategy", "ddp"]
 TOL = 1e-5
 # 8 rows per step whatever the number of processes; no dropout so that every split is deterministic
 MNTP_ARGS = ["--data.init_args.global_batch_size", "8"]
+# negatives are gathered across ranks by default (gather_across_devices: true): not set here on purpose
 CONTRASTIVE_ARGS = ["--data.init_args.global_batch_size", "8", "--model.init_args.attention_dropout", "0",
-                    "--model.init_args.gather_across_devices", "true", "--model.init_args.gradcache_chunk_size", "2"]
+                    "--model.init_args.gradcache_chunk_size", "2"]
+# the shipped DDP fragment as a user adds it, on this machine's CPUs
+DDP_FRAGMENT = ["--config", "configs/trainer/ddp.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                "--trainer.precision", "32-true"]
 UBMOE_ARGS = ["--data.init_args.global_batch_size", "8", "--model.init_args.attention_dropout", "0"]
 
 
@@ -56,7 +60,8 @@ def test_mntp_ddp_two_processes_equal_one_process(mntp_one_process, tmp_path):
 
 
 def test_contrastive_gradcache_gathered_ddp_equals_one_process(contrastive_one_process, tmp_path):
-    ddp = fit(tmp_path / "ddp", CONTRASTIVE, *CONTRASTIVE_ARGS, *DDP2, devices=2)
+    """The shipped contrastive config with the shipped DDP fragment: 2 processes x 4 rows == 1 x 8."""
+    ddp = fit(tmp_path / "ddp", CONTRASTIVE, *CONTRASTIVE_ARGS, *DDP_FRAGMENT, devices=2)
     assert_same_run(contrastive_one_process, ddp)
 
 

@@ -150,8 +150,12 @@ def load_suite(path: str | Path | None) -> Suite:
         if not isinstance(entry, dict) or "name" not in entry or "kind" not in entry:
             raise BidirLMError(f"compare config: task {i} needs a 'name' and a 'kind', got {entry!r}")
         if set(entry) - task_keys:
-            raise BidirLMError(f"compare config: task '{entry['name']}' has unknown keys "
-                               f"{sorted(set(entry) - task_keys)}; expected {sorted(task_keys)}")
+            import difflib
+
+            unknown = sorted(set(entry) - task_keys)
+            near = difflib.get_close_matches(unknown[0], task_keys, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else "the task fields are listed in README 'Evaluation'"
+            raise BidirLMError(f"compare config: task '{entry['name']}' has unknown keys {unknown}; {hint}")
         if entry.get("include_path") and path is not None and not Path(entry["include_path"]).is_absolute():
             entry = {**entry, "include_path": str((path.parent / entry["include_path"]).resolve())}
         tasks.append(TaskSpec(**entry))
