@@ -150,5 +150,5 @@ class UBMoETextData(L.LightningDataModule):
     def val_dataloader(self):
         from bidirlm_pl.data.validation import rank_loader
 
-        rows, size = self.val_rows, self.batch_size  # the one-process batches, shared out over the ranks
-        return rank_loader([self.collate(rows[i:i + size]) for i in range(0, len(rows or []), size)], self)
+        rows, size = self.val_rows or [], self.batch_size  # the one-process batches, shared out over the ranks
+        return rank_loader([rows[i:i + size] for i in range(0, len(rows), size)], self, collate=self.collate)

@@ -147,7 +147,7 @@ class LabelledTextDataModule(L.LightningDataModule):
         from bidirlm_pl.data.validation import rank_loader
 
         rows, size = self.val_indices, self.batch_size  # the one-process batches, shared out over the ranks
-        return rank_loader([self.collate(rows[i:i + size]) for i in range(0, len(rows), size)], self)
+        return rank_loader([rows[i:i + size] for i in range(0, len(rows), size)], self, collate=self.collate)
 
     def test_dataloader(self):
         return self.val_dataloader()

@@ -12,6 +12,8 @@ one-process ones.
 
 from __future__ import annotations
 
+import math
+
 from torch.utils.data import DataLoader, IterableDataset
 
 from bidirlm_pl.data.global_batches import world_of
@@ -20,31 +22,36 @@ PADDING = "padding_batch"
 
 
 class RankShare(IterableDataset):
-    """The batches of one rank (an iterable dataset: Lightning adds no sampler of its own)."""
+    """The batches of one rank (an iterable dataset: Lightning adds no sampler of its own).
 
-    def __init__(self, batches: list, rank: int = 0, world: int = 1):
+    ``collate`` (optional) turns an item into a batch when it is reached, so a rank builds only its share.
+    """
+
+    def __init__(self, batches: list, rank: int = 0, world: int = 1, collate=None):
         self.batches, self.rank, self.world = batches, rank, world
+        self.collate = collate or _identity
 
     def __len__(self) -> int:
-        return -(-len(self.batches) // self.world)
+        return math.ceil(len(self.batches) / self.world)
 
     def __iter__(self):
         mine = self.batches[self.rank::self.world]
-        yield from mine
+        yield from (self.collate(item) for item in mine)
         for _ in range(len(self) - len(mine)):
-            yield {**self.batches[0], PADDING: True}
+            yield {**self.collate(self.batches[0]), PADDING: True}
 
 
 def _identity(batch):
     return batch
 
 
-def rank_loader(batches: list, module) -> DataLoader | list:
-    """A loader over this rank's share of ``batches`` (the one-process list); ``[]`` when there are none."""
+def rank_loader(batches: list, module, collate=None) -> DataLoader | list:
+    """A loader over this rank's share of ``batches`` (the one-process list, or its items before ``collate``);
+    ``[]`` when there are none."""
     if not batches:
         return []
     world, rank = world_of(module)
-    return DataLoader(RankShare(batches, rank, world), batch_size=None, collate_fn=_identity)
+    return DataLoader(RankShare(batches, rank, world, collate), batch_size=None, collate_fn=_identity)
 
 
 def is_padding(batch) -> bool:
