@@ -15,11 +15,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+test: lint
 	$(PY) -m pytest -q
 
 quickstart: install
 	$(VENV)/bin/bidirlm run configs/recipes/quickstart.yaml
 
+# the import layers of pyproject.toml (docs/architecture.md), then ruff
 lint: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check bidirlm_pl moe callbacks tests benchmarks

@@ -84,7 +84,7 @@ def correctness(args) -> list[dict]:
     autocast, causal and bidirectional; max |difference| of final hidden states and of one weight gradient."""
     import torch
 
-    from bidirlm_pl import attention, load_backbone
+    from bidirlm_pl import load_backbone, varlen
 
     models = ["tiny-qwen3", "tiny-gemma3"] if args.tiny else ["random:qwen3-0.6b", "random:gemma3-270m"]
     backends = ["flex_attention"]
@@ -93,7 +93,7 @@ def correctness(args) -> list[dict]:
         backends += [b for b, m in (("flash_attention_2", "flash_attn"), ("flash_attention_4", "flash_attn_interface"))
                      if _importable(m)]
     else:  # the CPU stand-in with the kernels' dtype rule (refuses fp32), as the tests use
-        backends.append(attention.register_varlen_backend("reference", attention.reference_varlen))
+        backends.append(varlen.register_varlen_backend("reference", varlen.reference_varlen))
     rows_T = 64 if args.tiny else 1024
     rows = []
     for name in models:
@@ -167,9 +167,14 @@ def forward_backward(model, ids, seq, pos, bidirectional: bool, device: str):
     return hidden.detach(), model.layers[0].self_attn.q_proj.weight.grad.detach().float().clone()
 
 
-def _stage_args(args, config: str, model: str, **overrides):
+MNTP_QWEN3 = ("configs/mntp/gpu.yaml", "configs/mntp/qwen3-0.6b.yaml")  # a stage base and its model fragment
+CONTRASTIVE_QWEN3 = ("configs/contrastive/gpu.yaml", "configs/contrastive/qwen3-0.6b.yaml")
+
+
+def _stage_args(args, config: str | tuple[str, ...], model: str, **overrides):
     steps = overrides.pop("steps", 3 if args.tiny else 10)
-    return argparse.Namespace(config=str(REPO / config), model=model, random_config=None, device=args.device,
+    configs = [config] if isinstance(config, str) else list(config)
+    return argparse.Namespace(config=[str(REPO / c) for c in configs], model=model, random_config=None, device=args.device,
                               steps=steps, warmup=min(1 if args.tiny else 3, steps - 2),
                               batch=overrides.pop("batch", None), length=overrides.pop("length", None),
                               peak_flops=peak_flops(args.device))
@@ -182,7 +187,7 @@ def mntp(args) -> list[dict]:
     if args.tiny:
         stage_args = _stage_args(args, "configs/mntp/tiny.yaml", "tiny-qwen3", batch=2, length=64)
     else:
-        stage_args = _stage_args(args, "configs/mntp/qwen3-0.6b.yaml", "random:qwen3-0.6b")
+        stage_args = _stage_args(args, MNTP_QWEN3, "random:qwen3-0.6b")
     base = stage_config(stage_args)
     levers = ["fused_adamw", "no_checkpointing"] + (["compile"] if args.device == "cuda" else [])
     rows, helped = [], []
@@ -211,7 +216,7 @@ def contrastive(args) -> list[dict]:
     if args.tiny:
         stage_args = _stage_args(args, "configs/contrastive/tiny.yaml", "tiny-qwen3", batch=8, length=64)
     else:
-        stage_args = _stage_args(args, "configs/contrastive/qwen3-0.6b.yaml", "random:qwen3-0.6b",
+        stage_args = _stage_args(args, CONTRASTIVE_QWEN3, "random:qwen3-0.6b",
                                  batch=64, length=512, steps=8)
     base = stage_config(stage_args)
     # torch's varlen kernel is CUDA only, and flex attention has no backward on CPU: there, sdpa vs eager
@@ -330,7 +335,7 @@ def ddp(args) -> list[dict]:
 
     rows = []
     configs = (("configs/mntp/tiny.yaml", "configs/contrastive/tiny.yaml") if args.tiny else
-               ("configs/mntp/qwen3-0.6b.yaml", "configs/contrastive/qwen3-0.6b.yaml"))
+               (MNTP_QWEN3, CONTRASTIVE_QWEN3))
     for config_path in configs:
         model = "tiny-qwen3" if args.tiny else "random:qwen3-0.6b"
         config = stage_config(_stage_args(args, config_path, model, length=64 if args.tiny else 512, steps=3))

@@ -5,10 +5,12 @@ Throughput callback's tokens/s and MFU (after warm-up), and peak memory. The bas
 with the lever off, measured in the same process; the ratio is lever-on over lever-off.
 
     # GPU (one H100): MNTP on Qwen3-0.6B, 4 x 4096 packed tokens, regional compile off vs on
-    python benchmarks/stage_throughput.py --config configs/mntp/qwen3-0.6b.yaml --random-config qwen3-0.6b \
+    python benchmarks/stage_throughput.py --config configs/mntp/gpu.yaml --config configs/mntp/qwen3-0.6b.yaml \
+        --random-config qwen3-0.6b \
         --device cuda --lever compile --steps 30
     # contrastive, GradCache chunk 16 with vs without gradient checkpointing
-    python benchmarks/stage_throughput.py --config configs/contrastive/qwen3-0.6b.yaml --random-config qwen3-0.6b \
+    python benchmarks/stage_throughput.py --config configs/contrastive/gpu.yaml \
+        --config configs/contrastive/qwen3-0.6b.yaml --random-config qwen3-0.6b \
         --device cuda --lever no_checkpointing
     # CPU smoke run of the plumbing
     python benchmarks/stage_throughput.py --config configs/mntp/tiny.yaml --model tiny-qwen3 --device cpu \
@@ -54,8 +56,18 @@ def set_lever(config: dict, lever: str, on: bool) -> None:
         raise SystemExit(f"--lever {lever} is not one of {sorted(LEVERS)}")
 
 
+def _merge(a, b):
+    """``b`` over ``a`` as repeated ``--config`` files combine: mappings merged, other values replaced."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {**a, **{k: _merge(a.get(k), v) for k, v in b.items()}}
+    return b
+
+
 def stage_config(args) -> dict:
-    config = yaml.safe_load(Path(args.config).read_text())
+    paths = [args.config] if isinstance(args.config, str) else list(args.config)
+    config: dict = {}
+    for path in paths:  # a stage base, then its fragments
+        config = _merge(config, yaml.safe_load(Path(path).read_text()))
     init = config["model"]["init_args"]
     init["backbone"]["model"] = args.model or f"random:{args.random_config}"
     data = config["data"]["init_args"]
@@ -92,7 +104,6 @@ def stage_config(args) -> dict:
 
 def measure(config: dict) -> dict:
     from bidirlm_pl.callbacks.throughput import Throughput
-
     from bidirlm_pl.cli import run_lightning
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +123,8 @@ def measure(config: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a shipped stage config (configs/...yaml)")
+    parser.add_argument("--config", required=True, action="append",
+                        help="a shipped stage config (configs/...yaml); repeat it for a base and its fragments")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--random-config", choices=["qwen3-0.6b", "gemma3-270m"],
                        help="random weights of this real config (bidirlm assets random:NAME)")

@@ -24,10 +24,11 @@ import json
 import time
 
 import torch
-from bidirlm_pl.moe.data import split_documents
-from bidirlm_pl.moe.evaluate import causal_perplexity, lee_spearman
 
 from bidirlm_pl import load_backbone, moe
+from bidirlm_pl.evaluation.embedding import MeanPoolEncoder, lee_spearman
+from bidirlm_pl.evaluation.generation import causal_perplexity
+from bidirlm_pl.moe.data import split_documents
 
 
 def main(argv=None) -> int:
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         if (key, routing_embed) not in spearman_cache:  # same weights and routing: same embeddings
             if moe.is_ubmoe(model):
                 moe.set_routing(model, routing_embed)
-            spearman_cache[key, routing_embed] = lee_spearman(model, tok, max_length=args.embed_length)
+            spearman_cache[key, routing_embed] = lee_spearman(MeanPoolEncoder(model, tok, args.embed_length))
         rows[name] = {"perplexity": ppl, "spearman": spearman_cache[key, routing_embed],
                       "generate_routing": routing_generate, "embed_routing": routing_embed}
         print(f"  measured {name} in {time.time() - t0:.0f}s", flush=True)

@@ -49,9 +49,7 @@ def perplexity_and_share(model, tokenizer, texts, max_length):
 
 def measure(path, domains, max_length):
     from bidirlm_pl.moe.convert import is_ubmoe
-    from bidirlm_pl.moe.modes import set_mode
-
-    from bidirlm_pl.evaluation.compare import load_any
+    from bidirlm_pl.moe.modes import load_any, set_mode
 
     model, tokenizer = load_any(path)
     model.eval()

@@ -6,7 +6,7 @@ from bidirlm_pl.errors import BidirLMError
 # `bidirlm similarity`, `bidirlm --help`) start in a fraction of the time.
 _LAZY = {
     "set_bidirectional": "bidirlm_pl.attention",
-    "LoraSpec": "bidirlm_pl.backbone",
+    "LoraSpec": "bidirlm_pl.specs",
     "load_backbone": "bidirlm_pl.backbone",
     "Encoder": "bidirlm_pl.encoder",
 }

@@ -18,7 +18,7 @@ def main(args) -> int:
         return 0
     if args.name == "lee":
         for name in ("lee_background.cor", "lee.cor", "similarities0-1.txt"):
-            print(assets._gensim_data(name))
+            print(assets.gensim_data(name))
         return 0
     print(assets.ASSETS[args.name]())
     return 0

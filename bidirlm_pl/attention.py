@@ -20,15 +20,26 @@ from __future__ import annotations
 
 import torch
 
-# the varlen kernels and their glue live in bidirlm_pl.varlen; these names stay importable from here
-from bidirlm_pl.varlen import (  # noqa: F401
-    VARLEN_PREFIX,
-    reference_varlen,
-    reference_varlen_fp32,
-    register_varlen_backend,
-)
+from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.varlen import VARLEN_PREFIX
 
 MASKED_BACKENDS = ("eager", "sdpa", "flex_attention")
+
+
+def set_attention_dropout(model: torch.nn.Module, p: float) -> int:
+    """Dropout ``p`` on the attention probabilities of every attention module while training; return the count.
+
+    Training noise only (SimCSE): the config keeps the model's own value, so an exported ``config.json``
+    describes the model for inference and for whoever fine-tunes it next, and ``eval()`` runs without it.
+    """
+    if not 0 <= p < 1:
+        raise BidirLMError(f"attention_dropout {p} must be in [0, 1)")
+    count = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+            count += 1
+    return count
 
 
 def set_bidirectional(model: torch.nn.Module, bidirectional: bool = True) -> torch.nn.Module:
@@ -120,7 +131,8 @@ def packed_attention_mask(
     """
     backend = config._attn_implementation
     if backend not in MASKED_BACKENDS:
-        raise ValueError(f"attention backend '{backend}' takes cumulative lengths, not a mask")
+        raise BidirLMError(f"attention backend '{backend}' takes cumulative lengths, not a mask; expected one of "
+                           f"{list(MASKED_BACKENDS)}")
     windows = layer_windows(config)
     if backend == "flex_attention":
         masks = {t: flex_block_mask(seq_ids_BT, causal=causal, window=w) for t, w in windows.items()}

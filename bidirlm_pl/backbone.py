@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,75 +10,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from bidirlm_pl import attention
 from bidirlm_pl.errors import BidirLMError, require
 from bidirlm_pl.model_files import check_config, check_tokenizer, check_weights
+from bidirlm_pl.specs import SUPPORTED_MODEL_TYPES, LoraSpec
 from bidirlm_pl.varlen import KERNELS, VARLEN_PREFIX, kernel_backend
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "gemma3_text", "gemma3", "llama")
 BACKENDS = ("eager", "sdpa", "flex_attention", "torch_varlen", "flash_attention_2", "flash_attention_4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEADS = ("base", "causal_lm")
-
-
-@dataclass
-class LoraSpec:
-    """LoRA adapters (peft) on the chosen modules; merged into the weights on export."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-
-
-@dataclass
-class BackboneSpec:
-    """The model a stage trains and how it is loaded: the ``backbone:`` block of every stage config.
-
-    One typed block shared by every stage, so that a backbone option is written once.
-    ``head``, ``bidirectional`` and ``trainable`` left at ``None`` take the stage's own default
-    (MNTP keeps the output layer, contrastive loads the bare decoder, UBMoE stage 2 runs causally...).
-
-    Args:
-        model: a hub id (``Qwen/Qwen3-0.6B``, ``org/name@revision``), a local HF folder or an offline asset
-            name (``gemma3-270m``, ``tiny-qwen3``, ``random:qwen3-0.6b``).
-        attn_implementation: eager, sdpa, flex_attention (CPU/GPU); varlen, flash_attention_2,
-            flash_attention_4 (CUDA, packed rows through a FlashAttention varlen kernel).
-        dtype: weights dtype at load (use the trainer's ``precision`` for mixed precision).
-        bidirectional: default attention mode of the backbone.
-        head: ``causal_lm`` keeps the output layer, ``base`` loads the bare decoder.
-        trainable: module groups that train (see ``bidirlm_pl.trainable.GROUPS``).
-        lora: LoRA adapters (then ``trainable`` defaults to the adapters only).
-        gradient_checkpointing: recompute activations in backward to save memory.
-        compile: ``torch.compile`` each decoder layer (regional compilation: one graph reused per layer).
-    """
-
-    model: str
-    attn_implementation: str = "sdpa"
-    dtype: str = "float32"
-    bidirectional: bool | None = None
-    head: str | None = None
-    trainable: list[str] | None = None
-    lora: LoraSpec | None = None
-    gradient_checkpointing: bool = False
-    compile: bool = False
-
-    @classmethod
-    def of(cls, spec: BackboneSpec | dict | str) -> BackboneSpec:
-        """A spec from a spec, a dict of its fields (a YAML block) or a bare model reference."""
-        if isinstance(spec, cls):
-            return spec
-        if isinstance(spec, str):
-            return cls(model=spec)
-        if isinstance(spec, dict):
-            unknown = sorted(set(spec) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise BidirLMError(f"backbone keys {unknown} are unknown; expected some of "
-                                   f"{sorted(cls.__dataclass_fields__)}")
-            fields = dict(spec)
-            if isinstance(fields.get("lora"), dict):
-                fields["lora"] = LoraSpec(**fields["lora"])
-            return cls(**fields)
-        raise BidirLMError(f"backbone {spec!r} is not a model reference or a mapping of backbone fields")
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -163,13 +99,6 @@ def apply_lora(model, lora: LoraSpec):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
     )
     return peft.get_peft_model(model, config)
-
-
-def unwrap(model):
-    """The plain transformers model: merges LoRA adapters into a copy-free base when present."""
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model
 
 
 def decoder_of(model):

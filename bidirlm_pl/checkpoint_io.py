@@ -14,16 +14,12 @@ swaps into place (:func:`replace_path`): the same guarantee for folders.
 from __future__ import annotations
 
 import ctypes
-import io
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
 
-import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.strategies import ModelParallelStrategy
+from bidirlm_pl.errors import BidirLMError
 
 RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
 
@@ -62,7 +58,7 @@ def replace_path(staging: str | Path, target: str | Path) -> Path:
     return target
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*")) + [folder]:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -89,37 +85,60 @@ def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
     return path
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose saves are atomic renames (local filesystems; the default of every stage)."""
+# ---------------------------------------------------------------- reading checkpoints back
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write_bytes(path, buffer.getbuffer())
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded folder, written last
+LIGHTNING_META = "meta.pt"  # Lightning's non-tensor checkpoint entries (hyperparameters, loops, RNG)
 
 
-class AtomicModelParallelStrategy(ModelParallelStrategy):
-    """Lightning's ``ModelParallelStrategy`` (FSDP2) whose sharded checkpoint folders appear complete or not at all.
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A complete sharded (FSDP2 / DCP) checkpoint folder."""
+    return path.is_dir() and (path / DCP_METADATA).is_file()
 
-    Every rank writes its shards into ``.NAME.partial`` beside the final folder; after a barrier rank 0
-    flushes it and swaps it into place. Full (non-sharded) checkpoints go through the checkpoint I/O
-    plugin as before (:class:`AtomicCheckpointIO` under ``bidirlm fit``). ``bidirlm fit`` puts this class
-    in place of a configured ``lightning.pytorch.strategies.ModelParallelStrategy``.
-    """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
-        if not self._save_distributed_checkpoint:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        path = Path(self.broadcast(str(filepath)))
-        staging = path.with_name(f".{path.name}.partial")
-        if self.global_rank == 0 and os.path.lexists(staging):  # left by a killed save: never complete
-            shutil.rmtree(staging) if staging.is_dir() else staging.unlink()
-        self.barrier("atomic_checkpoint_start")
-        super().save_checkpoint(checkpoint, staging, storage_options)
-        self.barrier("atomic_checkpoint_written")
-        if self.global_rank == 0:
-            _fsync_tree(staging)
-            replace_path(staging, path)
-        self.barrier("atomic_checkpoint_renamed")
+def safe_torch_load(path: str | Path):
+    """``torch.load(weights_only=True)`` with our config dataclasses allow-listed."""
+    import torch
+
+    from bidirlm_pl.specs import BackboneSpec, LoraSpec, Schedule
+
+    # the specs by their current names and by the names checkpoints of earlier versions recorded
+    allowed = [Schedule, LoraSpec, BackboneSpec, (Schedule, "bidirlm_pl.stages.base.Schedule"),
+               (LoraSpec, "bidirlm_pl.backbone.LoraSpec"), (BackboneSpec, "bidirlm_pl.backbone.BackboneSpec")]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint (file or sharded folder) loaded with ``weights_only=True``."""
+    path = Path(path)
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        raise BidirLMError(f"checkpoint '{path}' is a folder without '{DCP_METADATA}'; expected a .ckpt file or a "
+                           "sharded checkpoint folder written by `bidirlm fit` (FSDP2, save_distributed_checkpoint)")
+    if not path.exists():
+        raise BidirLMError(f"checkpoint '{path}' does not exist; expected a .ckpt file written by `bidirlm fit`")
+    try:
+        ckpt = _load_sharded(path) if path.is_dir() else safe_torch_load(path)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.split(". ")[0][:90]  # the library's first sentence; the rest explains torch.load's options
+        raise BidirLMError(f"checkpoint '{path}' cannot be loaded safely (weights_only): {first}") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise BidirLMError(f"checkpoint '{path}' has no state_dict/hyper_parameters; expected a Lightning checkpoint")
+    return ckpt
+
+
+def _load_sharded(folder: Path) -> dict:
+    """A sharded (DCP) Lightning checkpoint consolidated into one dict in this process."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        consolidated = Path(tmp) / "full.pt"
+        dcp_to_torch_save(folder, consolidated)
+        ckpt = safe_torch_load(consolidated)
+    meta = folder / LIGHTNING_META
+    if meta.is_file():
+        ckpt.update(safe_torch_load(meta))
+    return ckpt

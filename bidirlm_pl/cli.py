@@ -37,8 +37,8 @@ TOOLS: dict[str, tuple[str, str]] = {
 
 
 HF_EXPORT = "bidirlm_pl.callbacks.HFExport"
-ATOMIC_IO = "bidirlm_pl.checkpoint_io.AtomicCheckpointIO"
-ATOMIC_MODEL_PARALLEL = "bidirlm_pl.checkpoint_io.AtomicModelParallelStrategy"
+ATOMIC_IO = "bidirlm_pl.atomic_checkpoints.AtomicCheckpointIO"
+ATOMIC_MODEL_PARALLEL = "bidirlm_pl.atomic_checkpoints.AtomicModelParallelStrategy"
 MODEL_PARALLEL = ("lightning.pytorch.strategies.ModelParallelStrategy",
                   "lightning.pytorch.strategies.model_parallel.ModelParallelStrategy", "ModelParallelStrategy")
 PREEMPTION = "bidirlm_pl.callbacks.Preemption"

@@ -28,8 +28,8 @@ def require(module: str, extra: str, purpose: str):
 
     try:
         return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(module.split(".")[0], extra, purpose) from None
+    except ImportError as err:
+        raise MissingExtraError(module.split(".")[0], extra, purpose) from err
 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the job stopped on a scheduler's signal; rerun it to resume

@@ -25,25 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bidirlm_pl.distributed import gather_with_grad
 from bidirlm_pl.errors import BidirLMError
-
-
-def is_distributed() -> bool:
-    """True under an initialised process group of more than one process."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-
-
-def gather_with_grad(x_ND: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate ``x`` from every rank (gradients flow back to each rank); return it and this rank's offset."""
-    if not is_distributed():
-        return x_ND, 0
-    from torch.distributed.nn.functional import all_gather
-
-    parts = all_gather(x_ND.contiguous())
-    sizes = [p.shape[0] for p in parts]
-    rank = torch.distributed.get_rank()
-    return torch.cat(parts, dim=0), sum(sizes[:rank])
 
 
 class InfoNCE(nn.Module):

@@ -20,9 +20,9 @@ def check_config(folder: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise BidirLMError(f"{path} is not JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
-    except UnicodeDecodeError:
-        raise BidirLMError(f"{path} is not UTF-8 text; expected a JSON model configuration") from None
+        raise BidirLMError(f"{path} is not JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
+    except UnicodeDecodeError as err:
+        raise BidirLMError(f"{path} is not UTF-8 text; expected a JSON model configuration") from err
     if not isinstance(config, dict):
         raise BidirLMError(f"{path} holds a {type(config).__name__}, not a JSON object")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -40,8 +40,8 @@ def weight_files(folder: Path) -> list[Path]:
     if index.exists():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            raise BidirLMError(f"{index} is not a safetensors index (JSON with a 'weight_map')") from None
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise BidirLMError(f"{index} is not a safetensors index (JSON with a 'weight_map')") from err
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise BidirLMError(f"{index} lists shards that are missing: {missing}")
@@ -64,19 +64,12 @@ def check_weights(folder: Path) -> None:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 handle.keys()
-        except Exception as err:  # noqa: BLE001 -- safetensors' errors carry the reason; one line names the file
+        except Exception as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise BidirLMError(f"{path} is truncated or not a safetensors file ({reason})") from None
+            raise BidirLMError(f"{path} is truncated or not a safetensors file ({reason})") from err
 
 
 def check_tokenizer(folder: Path) -> None:
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         raise BidirLMError(f"model folder '{folder}' has no tokenizer (none of {list(TOKENIZER_FILES)}); "
                            "copy the base model's tokenizer files into it")
-
-
-def check_model_folder(folder: Path, *, tokenizer: bool = False) -> None:
-    check_config(folder)
-    check_weights(folder)
-    if tokenizer:
-        check_tokenizer(folder)

@@ -10,7 +10,7 @@ A recipe::
       - name: merged
         command: [merge, --models, "${mntp}", gemma3-270m, --weights, "0.5", "0.5", --output, "${out}"]
       - name: contrastive
-        fit: configs/contrastive/gemma3-270m.yaml
+        fit: configs/contrastive/gemma3-270m.yaml   # or a list: [base, fragment, ...] (repeated --config)
         model: "${merged}"
 
 ``${name}`` is the HF folder a finished stage produced, ``${out}`` the current stage's own HF
@@ -35,7 +35,7 @@ STAGE_KEYS = {"name", "fit", "args", "model", "command"}
 @dataclass
 class Stage:
     name: str
-    fit: str | None = None
+    fit: str | list[str] | None = None  # one stage config, or a base and its fragments in order
     args: list[str] = field(default_factory=list)
     model: str | None = None
     command: list[str] | None = None
@@ -52,6 +52,11 @@ def load_recipe(path: str | Path) -> tuple[Path, list[Stage]]:
                 f"stage {i} of '{path}' must have a name and exactly one of 'fit' or 'command' "
                 f"(allowed keys {sorted(STAGE_KEYS)}), got {sorted(raw)}"
             )
+        fit = raw.get("fit")
+        if fit is not None and not (isinstance(fit, str) or (
+                isinstance(fit, list) and fit and all(isinstance(f, str) for f in fit))):
+            raise BidirLMError(f"stage '{raw['name']}' of '{path}': fit {fit!r} is not a config path or a list of "
+                               "config paths (a stage base, then its fragments)")
         stages.append(Stage(**raw))
     if not stages:
         raise BidirLMError(f"recipe '{path}' lists no stages")
@@ -80,7 +85,7 @@ def latest_checkpoint(logs: Path) -> Path | None:
     """
     import zipfile
 
-    from bidirlm_pl.export_cli import is_sharded_checkpoint
+    from bidirlm_pl.checkpoint_io import is_sharded_checkpoint
 
     found = list(logs.glob("**/*.ckpt")) if logs.is_dir() else []
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
@@ -118,7 +123,9 @@ def run_stage(stage: Stage, out: Path, outputs: dict[str, str]) -> None:
         if code:
             raise BidirLMError(f"stage '{stage.name}' failed: bidirlm {' '.join(argv)} exited {code}")
         return
-    argv = ["fit", "--config", stage.fit, "--trainer.default_root_dir", str(out.parent / "logs")]
+    configs = [stage.fit] if isinstance(stage.fit, str) else list(stage.fit)
+    argv = ["fit", *[arg for config in configs for arg in ("--config", config)],
+            "--trainer.default_root_dir", str(out.parent / "logs")]
     if stage.model is not None:
         argv += ["--model.init_args.backbone.model", _substitute(stage.model, scope)]
     argv += [_substitute(str(a), scope) for a in stage.args]

@@ -61,8 +61,8 @@ def check_trainer(trainer) -> int | None:
     devices = _get(trainer, "devices", "auto")
     try:
         count = _device_count(devices, available)
-    except ValueError:
-        raise BidirLMError(f"trainer.devices {devices!r} is not a number, a list of indices, -1 or 'auto'") from None
+    except ValueError as err:
+        raise BidirLMError(f"trainer.devices {devices!r} is not a number, a list of indices, -1 or 'auto'") from err
     if count is not None and count < 1:
         raise BidirLMError(f"trainer.devices {devices!r} asks for no device; use a positive number, -1 (all) or 'auto'")
     kind = "GPU(s)" if on_gpu else "CPU core(s)"

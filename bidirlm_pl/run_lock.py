@@ -55,7 +55,7 @@ def acquire(folder: str | Path) -> Path | None:
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        except FileExistsError as err:
             holder = _read(path)
             if holder.get("host") == record["host"] and not _alive(int(holder.get("pid", -1))):
                 print(f"taking over the stale lock of {folder} (pid {holder.get('pid')} on {holder.get('host')} "
@@ -64,7 +64,7 @@ def acquire(folder: str | Path) -> Path | None:
                 continue
             raise BidirLMError(f"output folder '{folder}' is in use by pid {holder.get('pid')} on "
                                f"{holder.get('host')} since {holder.get('started')}; wait for it, stop it, or use "
-                               "another folder") from None
+                               "another folder") from err
         with os.fdopen(fd, "w") as handle:
             json.dump(record, handle)
         _held.append(path)

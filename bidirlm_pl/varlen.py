@@ -65,7 +65,7 @@ def varlen_attention(varlen_fn: VarlenFn, *, half_only: bool = True):
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
         if cu_q is None:
             if attention_mask is not None and not bool(attention_mask.all()):
-                raise ValueError("varlen attention takes packed rows, not padding masks; pack the batch")
+                raise BidirLMError("varlen attention takes packed rows, not padding masks; pack the batch (data.init_args.pack)")
             cu_q = torch.arange(B + 1, dtype=torch.int32, device=query_BHTD.device) * T
             cu_k = torch.arange(B + 1, dtype=torch.int32, device=query_BHTD.device) * S
             max_q, max_k = T, S
@@ -163,9 +163,9 @@ def kernel_backend(attn_implementation: str) -> str:
     if attn_implementation == "torch_varlen":
         try:
             from torch.nn.attention import varlen  # noqa: F401
-        except ImportError:
+        except ImportError as err:
             raise BidirLMError(f"attn_implementation 'torch_varlen' needs torch >= 2.10 (this is "
-                               f"{torch.__version__}); use flash_attention_2 or sdpa") from None
+                               f"{torch.__version__}); use flash_attention_2 or sdpa") from err
         fn = torch_varlen
     elif attn_implementation == "flash_attention_2":
         fn = require("flash_attn", "flash", "attn_implementation 'flash_attention_2'").flash_attn_varlen_func

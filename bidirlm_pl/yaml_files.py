@@ -21,12 +21,12 @@ def read_yaml_mapping(path: str | Path, what: str, *, hint: str = "") -> dict:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise BidirLMError(f"{where} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise BidirLMError(f"{where} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise BidirLMError(f"{where} is not valid YAML: {problem}{at}") from None
+        raise BidirLMError(f"{where} is not valid YAML: {problem}{at}") from err
     if values is None:
         return {}
     if not isinstance(values, dict):

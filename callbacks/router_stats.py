@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+
+from bidirlm_pl.data.packing import token_mask
 from bidirlm_pl.moe.convert import ubmoe_ffns
 from bidirlm_pl.moe.ffn import NUM_EXPERTS
-
-
-def _mask(batch) -> torch.Tensor | None:
-    if not isinstance(batch, dict):
-        return None
-    if batch.get("seq_ids") is not None:
-        return batch["seq_ids"] >= 0
-    if batch.get("attention_mask") is not None:
-        return batch["attention_mask"].bool()
-    return None
 
 
 def routing_shares(model: torch.nn.Module, mask_BT: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -69,9 +61,9 @@ class RouterStats(L.Callback):
         self._val: dict[str, list[torch.Tensor]] = {}
 
     def _shares(self, pl_module, batch) -> dict[str, torch.Tensor]:
-        mask = _mask(batch)
+        mask = token_mask(batch)
         if mask is None and isinstance(batch, dict) and isinstance(batch.get("positive"), dict):
-            mask = _mask(batch["positive"])
+            mask = token_mask(batch["positive"])
         shares = routing_shares(pl_module.backbone, mask)
         if not self.per_layer:
             shares = {k: v for k, v in shares.items() if not k.startswith("layer")}

@@ -33,6 +33,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from bidirlm_pl.errors import BidirLMError
+
 
 def _text_config(model):
     config = model.config
@@ -63,7 +65,8 @@ def _groups(batch: dict) -> list[dict]:
         return [batch]
     groups = [batch[k] for k in ("query", "positive", "negatives") if isinstance(batch.get(k), dict)]
     if not groups:
-        raise ValueError(f"Throughput cannot count tokens of a batch with keys {sorted(batch)}")
+        raise BidirLMError(f"Throughput cannot count tokens of a batch with keys {sorted(batch)}; expected "
+                           "input_ids, or query/positive groups of them")
     return groups
 
 
@@ -92,8 +95,9 @@ def _group_pairs(group: dict) -> torch.Tensor:
     return torch.tensor(B * T * T, device=group["input_ids"].device)
 
 
-def batch_tokens(batch: dict) -> int:
-    return int(sum(_group_tokens(g) for g in _groups(batch)))
+def tokens_tensor(batch: dict) -> torch.Tensor:
+    """Real (non-padding) tokens of a batch, every group counted, as a tensor on the batch's device (no sync)."""
+    return sum(_group_tokens(g) for g in _groups(batch))
 
 
 def batch_samples(batch: dict) -> int:
@@ -122,11 +126,6 @@ def flops_tensor(model, batch: dict) -> torch.Tensor:
     return total
 
 
-def training_flops(model, batch: dict) -> float:
-    """Estimated forward+backward FLOPs of one batch (see the module docstring)."""
-    return float(flops_tensor(model, batch))
-
-
 class Throughput(L.Callback):
     """Log ``throughput/tokens_per_sec``, ``samples_per_sec``, ``flops_per_sec`` and ``mfu``, averaged per window.
 
@@ -139,7 +138,7 @@ class Throughput(L.Callback):
 
     def __init__(self, peak_flops: float | None = None, skip_first: int = 1, window: int = 1):
         if window < 1:
-            raise ValueError(f"window {window} must be >= 1 batch")
+            raise BidirLMError(f"Throughput window {window} must be >= 1 batch")
         self.peak_flops = float(peak_flops) if peak_flops is not None else None
         self.skip_first, self.window = skip_first, window
         self._start: float | None = None
@@ -172,7 +171,7 @@ class Throughput(L.Callback):
         if self._start is None:
             return
         model = getattr(pl_module, "backbone", None) or pl_module
-        tokens = sum(_group_tokens(g) for g in _groups(batch))
+        tokens = tokens_tensor(batch)
         flops = flops_tensor(model, batch) if hasattr(model, "config") else torch.zeros(())
         self._pending.append((tokens, flops, batch_samples(batch)))
         if len(self._pending) < self.window:

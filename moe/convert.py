@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from bidirlm_pl.moe.ffn import NUM_EXPERTS, ROUTER_INITS, TOP1_GRADIENTS, UniBiFFN, check_routing
 from torch import nn
 
 from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.moe.ffn import NUM_EXPERTS, ROUTER_INITS, TOP1_GRADIENTS, UniBiFFN, check_routing
+from bidirlm_pl.specs import SUPPORTED_MODEL_TYPES
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "gemma3_text", "gemma3", "llama")
 FFN_LAYOUT = ("gate_proj", "up_proj", "down_proj")  # gated FFN of Qwen3 / Gemma3 / Llama
 ATTENTION_MODES = ("generate", "embed")
 FORMAT_VERSION = 1

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from bidirlm_pl.moe.convert import ATTENTION_MODES, _record, set_routing, spec_of
-from bidirlm_pl.moe.ffn import check_routing
 from torch import nn
 
 from bidirlm_pl import attention
 from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.moe.convert import ATTENTION_MODES, _record, load_ubmoe, set_routing, spec_of, ubmoe_record
+from bidirlm_pl.moe.ffn import ROUTING_MODES, check_routing
 
 
 def _check_mode(mode: str) -> str:
@@ -58,3 +58,28 @@ def mode(model: nn.Module, name: str):
     finally:
         attention.set_bidirectional(model, was_bidirectional)
         set_routing(model, spec.routing)
+
+
+def split_routing(path: str) -> tuple[str, str | None]:
+    """``FOLDER@ROUTING`` -> (FOLDER, ROUTING): a UBMoE folder evaluated with one routing in every mode."""
+    folder, at, routing = str(path).rpartition("@")
+    if at and routing in ROUTING_MODES:
+        return folder, routing
+    return str(path), None
+
+
+def load_any(path: str, *, attn_implementation: str = "sdpa"):
+    """A causal LM and tokenizer from a plain folder, an asset name or a UBMoE folder (``@routing`` allowed)."""
+    from bidirlm_pl.backbone import load_backbone, resolve_model_path
+
+    path, routing = split_routing(path)
+    folder = resolve_model_path(path)
+    if ubmoe_record(folder) is not None:
+        model, tokenizer = load_ubmoe(folder, attn_implementation=attn_implementation)
+        if routing is not None:  # e.g. @forced1: the naive bidirectional FFN fine-tune, @forced0: the original
+            for name in ("generate", "embed"):
+                set_mode_routing(model, name, routing)
+        return model, tokenizer
+    if routing is not None:
+        raise BidirLMError(f"'{path}@{routing}': a routing applies to UBMoE folders only, and '{path}' is plain")
+    return load_backbone(folder, attn_implementation=attn_implementation, head="causal_lm")

@@ -20,6 +20,11 @@ import re
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+
+from bidirlm_pl import attention
+from bidirlm_pl.data.packing import token_mask
+from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.moe.convert import (
     UBMoESpec,
     convert_to_ubmoe,
@@ -29,12 +34,9 @@ from bidirlm_pl.moe.convert import (
     ubmoe_record,
 )
 from bidirlm_pl.moe.ffn import check_routing, load_balancing_loss
-from lightning.pytorch.cli import OptimizerCallable
-
-from bidirlm_pl.backbone import BackboneSpec
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.mntp_loss import causal_lm_loss, final_logit_softcap
-from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
+from bidirlm_pl.specs import BackboneSpec, Schedule
+from bidirlm_pl.stages.base import BackboneStage, default_optimizer
+from bidirlm_pl.token_losses import causal_lm_loss, final_logit_softcap
 
 # trainable groups of a UBMoE model; expert 0 (the original FFN) never trains
 MOE_GROUP_PATTERNS = {
@@ -156,9 +158,7 @@ class UBMoEStage1(_UBMoEStage):
 
     def build_model(self):
         model, tokenizer = super().build_model()
-        for module in model.modules():  # training noise only: config.json keeps the model's own value
-            if hasattr(module, "attention_dropout") and hasattr(module, "q_proj"):
-                module.attention_dropout = self.attention_dropout
+        attention.set_attention_dropout(model, self.attention_dropout)
         return model, tokenizer
 
     def embed(self, encoded: dict) -> torch.Tensor:
@@ -183,15 +183,6 @@ class UBMoEStage1(_UBMoEStage):
 
     def batch_size_of(self, batch: dict) -> int:
         return int(batch["query"]["input_ids"].shape[0])
-
-
-def token_mask(batch: dict) -> torch.Tensor | None:
-    """(B, T) True on real tokens (not padding) of a packed or padded batch."""
-    if batch.get("seq_ids") is not None:
-        return batch["seq_ids"] >= 0
-    if batch.get("attention_mask") is not None:
-        return batch["attention_mask"].bool()
-    return None
 
 
 class UBMoEStage2(_UBMoEStage):

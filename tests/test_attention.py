@@ -2,11 +2,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bidirlm_pl import attention, load_backbone
+from bidirlm_pl import attention, load_backbone, varlen
 
 BACKENDS = ("eager", "sdpa", "flex_attention")
 # fp32 plumbing stand-in for exact comparisons; the kernels' dtype rule is tested in test_varlen.py
-STANDIN = attention.register_varlen_backend("reference_fp32", attention.reference_varlen_fp32, half_only=False)
+STANDIN = varlen.register_varlen_backend("reference_fp32", varlen.reference_varlen_fp32, half_only=False)
 
 
 @pytest.fixture(autouse=True)
@@ -134,7 +134,7 @@ def test_gemma3_bidirectional_window_is_symmetric_and_inclusive():
 def test_saved_bidirectional_model_reloads_bidirectional(tiny_qwen3, tmp_path):
     from transformers import AutoModel
 
-    model, tok = load_backbone(tiny_qwen3, bidirectional=True)
+    model, _tok = load_backbone(tiny_qwen3, bidirectional=True)
     model.save_pretrained(tmp_path)
     reloaded = AutoModel.from_pretrained(tmp_path)
     assert reloaded.config.is_causal is False

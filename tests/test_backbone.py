@@ -48,7 +48,7 @@ def test_stage_rejects_missing_model_before_training(tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bidirlm_pl.cli", "assets", "nope"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bidirlm_pl.cli", "assets", "nope"], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
 
 
@@ -96,8 +96,8 @@ def test_sharded_safetensors_checkpoint_loads(tiny_qwen3, tmp_path):
 
 def test_backbone_spec_is_one_block_for_every_stage(tiny_qwen3):
     """Stage defaults fill the spec's open fields; fixed ones refuse a contradiction in one line."""
-    from bidirlm_pl.backbone import BackboneSpec
     from bidirlm_pl.moe import UBMoEStage1
+    from bidirlm_pl.specs import BackboneSpec
     from bidirlm_pl.stages.contrastive import ContrastiveStage
     from bidirlm_pl.stages.mntp import MNTPStage
 

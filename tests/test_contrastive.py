@@ -146,10 +146,10 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_qwen3):
 
 def test_varlen_backend_packs_rows_and_matches_sdpa(tiny_qwen3):
     """The flash path (packed rows, cumulative lengths) with a CPU stand-in kernel equals padded SDPA."""
-    from bidirlm_pl import attention
+    from bidirlm_pl import varlen
     from bidirlm_pl.encoder import Encoder
 
-    backend = attention.register_varlen_backend("reference_fp32", attention.reference_varlen_fp32, half_only=False)
+    backend = varlen.register_varlen_backend("reference_fp32", varlen.reference_varlen_fp32, half_only=False)
     out = []
     for impl in ("sdpa", backend):
         torch.manual_seed(0)

@@ -5,8 +5,15 @@ import random
 import pytest
 import torch
 
-from bidirlm_pl.data.packing import Packer, collate_rows, document_starts, pack_batches, pack_documents
-from bidirlm_pl.mntp_loss import prediction_mask
+from bidirlm_pl.data.packing import Packer, collate_rows, pack_batches, pack_documents
+from bidirlm_pl.token_losses import prediction_mask
+
+
+def document_starts(seq_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, T): True where a new document (segment) begins, False on padding and continuations."""
+    starts = torch.ones_like(seq_ids_BT, dtype=torch.bool)
+    starts[:, 1:] = seq_ids_BT[:, 1:] != seq_ids_BT[:, :-1]
+    return starts & (seq_ids_BT >= 0)
 
 
 def _docs(n=40, seed=0, max_len=30):

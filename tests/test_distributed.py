@@ -19,7 +19,7 @@ def test_fsdp2_two_processes_export_full_unsharded_weights(tmp_path):
         "--trainer.default_root_dir", str(root), "--model.init_args.optimizer.init_args.lr", "0",
         "--model.init_args.optimizer.init_args.weight_decay", "0",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = list(root.glob("**/hf/model.safetensors"))
     assert len(exported) == 1, exported

@@ -57,7 +57,7 @@ def test_v_measure_equals_the_hand_computed_entropies():
 
 def test_choice_logprobs_equal_full_logits(tiny_path):
     from bidirlm_pl import load_backbone
-    from bidirlm_pl.evaluation.generation import choice_logprobs, multiple_choice_accuracy
+    from bidirlm_pl.evaluation.generation import continuation_logprobs, multiple_choice_accuracy
 
     model, tok = load_backbone(tiny_path, head="causal_lm", bidirectional=False)
     model.eval()
@@ -70,7 +70,8 @@ def test_choice_logprobs_equal_full_logits(tiny_path):
         with torch.no_grad():
             lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
         reference.append(float(sum(lp[i - 1, ids[i]] for i in range(n, len(ids)))))
-    assert choice_logprobs(model, tok, context, choices) == pytest.approx(reference, rel=1e-4, abs=1e-4)
+    scored = continuation_logprobs(model, tok, [(context, choice) for choice in choices])
+    assert scored == pytest.approx(reference, rel=1e-4, abs=1e-4)
     best = int(np.argmax(reference))
     assert multiple_choice_accuracy(model, tok, [{"context": context, "choices": choices, "answer": best}]) == 1.0
     with pytest.raises(BidirLMError, match="answer 5 is not an index"):

@@ -73,7 +73,7 @@ def test_cli_bad_input_is_one_line_before_training(args, message, tmp_path, monk
 
 
 def test_throughput_flops_estimate_counts_only_masked_outputs(tiny_qwen3):
-    from bidirlm_pl.callbacks.throughput import batch_tokens, training_flops
+    from bidirlm_pl.callbacks.throughput import flops_tensor, tokens_tensor
 
     model, _ = load_backbone(tiny_qwen3)
     c = model.config
@@ -83,7 +83,7 @@ def test_throughput_flops_estimate_counts_only_masked_outputs(tiny_qwen3):
     body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
     d_attn = c.num_attention_heads * c.head_dim
     expected = 6 * body * 5 + 12 * c.num_hidden_layers * d_attn * (3 ** 2 + 2 ** 2) + 6 * c.vocab_size * c.hidden_size * 2
-    assert batch_tokens(batch) == 5
-    assert training_flops(model, batch) == pytest.approx(expected)
+    assert int(tokens_tensor(batch)) == 5
+    assert float(flops_tensor(model, batch)) == pytest.approx(expected)
     dense = dict(batch, labels=None)
-    assert training_flops(model, dense) - training_flops(model, batch) == pytest.approx(6 * c.vocab_size * c.hidden_size * 3)
+    assert float(flops_tensor(model, dense)) - float(flops_tensor(model, batch)) == pytest.approx(6 * c.vocab_size * c.hidden_size * 3)

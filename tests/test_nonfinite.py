@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from bidirlm_pl.callbacks.nonfinite import NonFiniteGuard
 
+from bidirlm_pl.callbacks.nonfinite import NonFiniteGuard
 from bidirlm_pl.cli import main
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.stages.mntp import MNTPStage

@@ -53,10 +53,9 @@ def test_recipe_errors_are_one_line(tmp_path):
 
 def test_compare_runs_ubmoe_folders_in_each_modes_routing(tmp_path):
     """A UBMoE folder: perplexity under the generate routing, embeddings under the embed routing."""
-    from bidirlm_pl.moe.convert import convert_to_ubmoe, save_ubmoe
-
     from bidirlm_pl import load_backbone
     from bidirlm_pl.evaluation.compare import compare
+    from bidirlm_pl.moe.convert import convert_to_ubmoe, save_ubmoe
 
     model, tok = load_backbone("tiny-qwen3", bidirectional=False)
     convert_to_ubmoe(model)
@@ -193,5 +192,5 @@ def test_paper_recipes_parse_and_name_shipped_configs():
         _, stages = load_recipe(REPO / f"configs/recipes/{name}.yaml")
         assert [s.name for s in stages][-1] == "compare"
         for stage in stages:
-            if stage.fit:
-                assert (REPO / stage.fit).is_file(), stage.fit
+            for config in [stage.fit] if isinstance(stage.fit, str) else stage.fit or []:
+                assert (REPO / config).is_file(), config

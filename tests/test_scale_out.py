@@ -87,9 +87,10 @@ def test_ubmoe_stage1_ddp_equals_one_process(tmp_path):
 @pytest.mark.parametrize("launcher", ["env", "torchrun"])
 def test_two_nodes_on_loopback_equal_one_process(mntp_one_process, tmp_path, launcher):
     """configs/trainer/multinode.yaml, one process per "node" on 127.0.0.1: launched with the variables a
-    cluster sets (NODE_RANK, LOCAL_RANK, MASTER_ADDR/PORT), or with torchrun's c10d rendezvous as in the README."""
+    cluster sets (NODE_RANK, LOCAL_RANK, MASTER_ADDR/PORT), or with torchrun's c10d rendezvous as in docs/scale-out.md."""
     root = tmp_path / "nodes"
-    cmd = fit_command(root, MNTP, "--config", "configs/trainer/multinode.yaml", *MNTP_ARGS,
+    cmd = fit_command(root, MNTP, "--config", "configs/trainer/ddp.yaml", "--config", "configs/trainer/multinode.yaml",
+                      *MNTP_ARGS,
                       "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true")
     port = str(free_port())
     commands, envs = [], []

@@ -47,7 +47,7 @@ def test_describe_source_names_kind_files_and_count(tmp_path):
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "bidirlm_pl.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+                          cwd=REPO, timeout=300, check=False)
 
 
 def test_cli_list_override_that_merges_into_a_lee_source_fails_and_null_replaces(tmp_path):

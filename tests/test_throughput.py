@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from bidirlm_pl.callbacks.throughput import _group_pairs, batch_tokens, training_flops
 
 from bidirlm_pl import load_backbone
+from bidirlm_pl.callbacks.throughput import _group_pairs, flops_tensor, tokens_tensor
 from bidirlm_pl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,8 @@ def test_contrastive_batch_counts_every_group_and_no_output_layer(tiny_qwen3):
     body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     d_attn = c.num_attention_heads * c.head_dim
     expected = 6 * body * (5 + 5) + 12 * c.num_hidden_layers * d_attn * (9 + 4 + 16 + 1)
-    assert batch_tokens(batch) == 10
-    assert training_flops(model, batch) == pytest.approx(expected)
+    assert int(tokens_tensor(batch)) == 10
+    assert float(flops_tensor(model, batch)) == pytest.approx(expected)
 
 
 def _logged_throughput(folder: Path) -> list[float]:

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from bidirlm_pl.moe.ffn import UniBiFFN, load_balancing_loss
 from transformers import AutoModelForCausalLM
 
 from bidirlm_pl import load_backbone, moe
 from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.moe.ffn import UniBiFFN, load_balancing_loss
 
 
 def _ids(vocab, B=2, T=12, seed=0):
@@ -34,7 +34,7 @@ def test_forced_expert0_causal_equals_original_and_generates_same_tokens(tiny_pa
     _perturb_expert1(model)
     ids = _ids(original.config.vocab_size)
     assert (model(input_ids=ids).logits - original(input_ids=ids).logits).abs().max() <= 1e-6
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(model.generate(ids[:, :5], **kw), original.generate(ids[:, :5], **kw))
     # the generate mode with forced0 routing also reproduces it, whatever the default attention
     moe.set_mode_routing(model, "generate", "forced0")
@@ -211,10 +211,9 @@ def test_load_ubmoe_refuses_a_plain_folder(tiny_qwen3):
 
 @torch.no_grad()
 def test_packed_perplexity_equals_per_document_loss_and_forced0_matches_original(tiny_qwen3):
-    from bidirlm_pl.moe.data import tokenize_documents
-    from bidirlm_pl.moe.evaluate import causal_perplexity
-
     from bidirlm_pl import assets
+    from bidirlm_pl.evaluation.generation import causal_perplexity
+    from bidirlm_pl.moe.data import tokenize_documents
 
     model, tok = load_backbone(tiny_qwen3, bidirectional=True)  # perplexity must run causally anyway
     texts = [t[:120] for t in assets.lee_background()[:5]]
@@ -240,7 +239,7 @@ def test_generate_with_learned_routing_same_with_and_without_kv_cache(tiny_qwen3
     moe.convert_to_ubmoe(model, routing=routing)
     _perturb_expert1(model, scale=0.2)
     ids = _ids(model.config.vocab_size, B=2, T=5)
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     cached = model.generate(ids, use_cache=True, **kw)
     assert torch.equal(cached, model.generate(ids, use_cache=False, **kw))
     choice = moe.ubmoe_ffns(model)[0].last_choice_BT

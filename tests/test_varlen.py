@@ -10,7 +10,7 @@ from torch.nn.attention.flex_attention import create_mask
 from bidirlm_pl import attention, load_backbone, varlen
 from bidirlm_pl.errors import BidirLMError
 
-STRICT = attention.register_varlen_backend("reference", attention.reference_varlen)
+STRICT = varlen.register_varlen_backend("reference", varlen.reference_varlen)
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +36,8 @@ def test_strict_standin_refuses_fp32_as_the_kernels_do():
     q = torch.randn(6, 2, 8)
     cu = torch.tensor([0, 6], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="only support fp16 and bf16"):
-        attention.reference_varlen(q, q, q, cu, cu, 6, 6)
-    assert attention.reference_varlen(q.bfloat16(), q.bfloat16(), q.bfloat16(), cu, cu, 6, 6).dtype == torch.bfloat16
+        varlen.reference_varlen(q, q, q, cu, cu, 6, 6)
+    assert varlen.reference_varlen(q.bfloat16(), q.bfloat16(), q.bfloat16(), cu, cu, 6, 6).dtype == torch.bfloat16
 
 
 def test_glue_casts_fp32_to_the_autocast_dtype_and_back():
@@ -45,7 +45,7 @@ def test_glue_casts_fp32_to_the_autocast_dtype_and_back():
 
     def spy(q, k, v, *args, **kwargs):
         seen.append((q.dtype, k.dtype, v.dtype))
-        return attention.reference_varlen(q, k, v, *args, **kwargs)
+        return varlen.reference_varlen(q, k, v, *args, **kwargs)
 
     glue = varlen.varlen_attention(spy)
     module = torch.nn.Linear(8, 8)  # fp32 weights, as under bf16-mixed
@@ -57,13 +57,13 @@ def test_glue_casts_fp32_to_the_autocast_dtype_and_back():
     assert seen == [(torch.bfloat16,) * 3]
     assert out.dtype == torch.float32 and out.shape == (2, 6, 4, 8)
     # the same numbers as computing in bf16 throughout, up to the final cast
-    ref, _ = varlen.varlen_attention(attention.reference_varlen)(
+    ref, _ = varlen.varlen_attention(varlen.reference_varlen)(
         module.bfloat16(), q_BHTD.bfloat16(), k_BHSD.bfloat16(), k_BHSD.bfloat16(), None, is_causal=False)
     assert torch.equal(out, ref.float())
 
 
 def test_glue_refuses_fp32_compute_with_one_line():
-    glue = varlen.varlen_attention(attention.reference_varlen)
+    glue = varlen.varlen_attention(varlen.reference_varlen)
     module = torch.nn.Linear(8, 8)
     x = torch.randn(1, 2, 4, 8)
     with pytest.raises(BidirLMError, match="bf16-mixed") as err:
@@ -89,7 +89,7 @@ def _fake_torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, wi
     assert q.dtype in varlen.HALF_DTYPES
     if q.shape[1] != k.shape[1]:
         assert enable_gqa
-    return attention.reference_varlen_fp32(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale,
+    return varlen.reference_varlen_fp32(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale,
                                            causal=False, window_size=window_size)
 
 
@@ -99,7 +99,7 @@ def test_torch_varlen_adapter_matches_eager(tiny_path, bidirectional, monkeypatc
     import torch.nn.attention.varlen as torch_varlen_module
 
     monkeypatch.setattr(torch_varlen_module, "varlen_attn", _fake_torch_varlen_attn)
-    backend = attention.register_varlen_backend("torch_cpu_fake", varlen.torch_varlen)
+    backend = varlen.register_varlen_backend("torch_cpu_fake", varlen.torch_varlen)
     model, _ = load_backbone(tiny_path, attn_implementation=backend, dtype="bfloat16", bidirectional=bidirectional)
     eager, _ = load_backbone(tiny_path, attn_implementation="eager", dtype="bfloat16", bidirectional=bidirectional)
     ids, seq, pos = _packed(model.config.vocab_size, seed=1)

@@ -73,7 +73,7 @@ class ResumableStream:
     """Mixin (before ``LightningDataModule``) for data modules whose training batches carry their stream state.
 
     The module calls :meth:`init_stream` in ``__init__``, tags each training batch with ``STATE_KEY``,
-    starts its stream from :meth:`stream_start`, and implements :meth:`stream_signature`.
+    starts its stream from :meth:`stream_start`, and implements :meth:`stream_sources`.
     """
 
     stream_name = "stream"
@@ -83,8 +83,24 @@ class ResumableStream:
         self._resume_state: dict | None = None
         self._consumed_state: dict | None = None
 
-    def stream_signature(self) -> dict:
+    def per_rank_batch_size(self) -> int:
+        """Rows per process (``self.batch_size``, or ``self.global_batch_size`` over the world size)."""
+        return per_rank_batch_size(self.batch_size, self.global_batch_size, world_of(self)[0])
+
+    def stream_sources(self) -> list[tuple[str, float]]:
+        """``(name, weight)`` of each training source, in order (a module may load its sources here)."""
         raise NotImplementedError
+
+    def stream_details(self) -> dict:
+        """Hook: what else decides this module's stream (``max_length``, row counts...)."""
+        return {}
+
+    def stream_signature(self) -> dict:
+        """What decides the stream: a checkpoint's stream only continues under the same values."""
+        sources = self.stream_sources()
+        return {"sources": [name for name, _ in sources], "weights": [round(float(w), 9) for _, w in sources],
+                "seed": self.seed, **self.stream_details(),
+                "global_batch": self.per_rank_batch_size() * world_of(self)[0]}
 
     def stream_start(self) -> dict | None:
         """The state after the last consumed batch (or the checkpoint's); None at the very start."""

@@ -140,13 +140,6 @@ def pack_batches(
         yield collate_rows(rows, max_length=max_length, pad_token_id=pad_token_id)
 
 
-def document_starts(seq_ids_BT: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, T): True where a new document (segment) begins, False on padding and continuations."""
-    starts = torch.ones_like(seq_ids_BT, dtype=torch.bool)
-    starts[:, 1:] = seq_ids_BT[:, 1:] != seq_ids_BT[:, :-1]
-    return starts & (seq_ids_BT >= 0)
-
-
 def tokenize_documents(tokenizer, docs: list[str]) -> list[list[int]]:
     """Token ids per document, with the tokenizer's special tokens and an end-of-sequence token."""
     out = []
@@ -155,3 +148,14 @@ def tokenize_documents(tokenizer, docs: list[str]) -> list[list[int]]:
             ids = ids + [tokenizer.eos_token_id]
         out.append(ids)
     return out
+
+
+def token_mask(batch) -> torch.Tensor | None:
+    """(B, T) True on the real tokens (not padding) of a packed or padded batch; None when it says neither."""
+    if not isinstance(batch, dict):
+        return None
+    if batch.get("seq_ids") is not None:
+        return batch["seq_ids"] >= 0
+    if batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool()
+    return None

@@ -40,7 +40,6 @@ from bidirlm_pl.data import sources as text_sources
 from bidirlm_pl.data.global_batches import (
     STATE_KEY,
     ResumableStream,
-    per_rank_batch_size,
     rank_rows,
     world_of,
 )
@@ -129,9 +128,9 @@ def _pair_table(src: PairSource):
             raise BidirLMError(f"source '{src.name}': mode 'pairs' reads jsonl, parquet, disk or hf, not '{kind}'")
     except BidirLMError:
         raise
-    except Exception as err:  # noqa: BLE001 - any reader failure becomes one line naming the source
+    except Exception as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise BidirLMError(f"source '{src.name}': cannot read pairs from {src.path or src.dataset}: {first}") from None
+        raise BidirLMError(f"source '{src.name}': cannot read pairs from {src.path or src.dataset}: {first}") from err
     if isinstance(table, datasets.DatasetDict):
         if src.split not in table:
             raise BidirLMError(f"source '{src.name}': split '{src.split}' is not one of {sorted(table)}")
@@ -424,17 +423,14 @@ class PairsDataModule(ResumableStream, L.LightningDataModule):
                 rank_zero_info(f"data: {role} source '{src.name}': mode {src.mode}, kind {kind}, {where}, "
                                f"{len(rows)} rows")
 
-    def per_rank_batch_size(self) -> int:
-        return per_rank_batch_size(self.batch_size, self.global_batch_size, world_of(self)[0])
-
     stream_name = "pair batch stream"
 
-    def stream_signature(self) -> dict:
-        """What decides the batch stream: a checkpoint's stream only continues under the same values."""
+    def stream_sources(self) -> list[tuple[str, float]]:
         self.setup("fit")
-        return {"sources": [s.name for s in self.sources], "weights": [float(s.weight) for s in self.sources],
-                "rows": [len(r) for r in self.train_rows] if self.train_rows is not None else None,
-                "seed": self.seed, "global_batch": self.per_rank_batch_size() * world_of(self)[0]}
+        return [(s.name, s.weight) for s in self.sources]
+
+    def stream_details(self) -> dict:
+        return {"rows": [len(r) for r in self.train_rows] if self.train_rows is not None else None}
 
     def _loader(self, dataset):
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,

@@ -149,7 +149,7 @@ def check_contradictions(spec: SourceSpec, kind: str, *, where: str | None = Non
         shown = ", ".join(f"{k}={v!r}" for k, v in extra.items())
         raise BidirLMError(
             f"{where or f'source {spec.name!r}'}: kind '{kind}' takes no {sorted(extra)} (given {shown}); "
-            "a command-line list merges into the config's item by item: give each source its 'kind' (README)"
+            "a command-line list merges into the config's item by item: give each source its 'kind' (docs/mntp.md)"
         )
 
 
@@ -221,7 +221,7 @@ def _read_text_file(path: str, unit: str) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise _utf8_error(path, raw, err) from None
+        raise _utf8_error(path, raw, err) from err
     if unit == "file":
         return [text]
     if unit == "paragraph":
@@ -276,13 +276,13 @@ def scan_jsonl(path: str, text_field: str | None, max_lines: int | None = None) 
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise BidirLMError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
-                                   "re-encode the file as UTF-8") from None
+                                   "re-encode the file as UTF-8") from err
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise BidirLMError(f"{path}:{number}: not JSON ({err.msg} at column {err.colno})") from None
+                raise BidirLMError(f"{path}:{number}: not JSON ({err.msg} at column {err.colno})") from err
             if text_field is not None and (not isinstance(record, dict) or text_field not in record):
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise BidirLMError(f"{path}:{number}: record has no text field '{text_field}' (has {keys}); "
@@ -314,9 +314,9 @@ def open_source(spec: SourceSpec) -> TextSource:
         builder = "json" if kind == "jsonl" else "parquet"
         try:
             loaded = datasets.load_dataset(builder, data_files=files, split="train", streaming=spec.streaming)
-        except Exception as err:  # noqa: BLE001 -- malformed files: one line naming the source
+        except Exception as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise BidirLMError(f"source '{spec.name}': cannot read {kind} files {files}: {first}") from None
+            raise BidirLMError(f"source '{spec.name}': cannot read {kind} files {files}: {first}") from err
         return _from_datasets(spec, loaded)
     if kind == "disk":
         path = Path(spec.path or "").expanduser()

@@ -37,7 +37,6 @@ from torch.utils.data import DataLoader, IterableDataset
 from bidirlm_pl.data.global_batches import (
     STATE_KEY,
     ResumableStream,
-    per_rank_batch_size,
     rank_rows,
     world_of,
 )
@@ -260,16 +259,12 @@ class TextDataModule(ResumableStream, L.LightningDataModule):
     def _world(self) -> tuple[int, int]:
         return world_of(self)
 
-    def per_rank_batch_size(self) -> int:
-        return per_rank_batch_size(self.batch_size, self.global_batch_size, self._world()[0])
-
-    def stream_signature(self) -> dict:
-        """What decides the stream: a checkpoint's stream only continues under the same values."""
+    def stream_sources(self) -> list[tuple[str, float]]:
         self.prepare()
-        return {"sources": [s.name for s in self._train_sources],
-                "weights": [round(float(s.spec.weight), 9) for s in self._train_sources],
-                "seed": self.seed, "max_length": self.max_length,
-                "global_batch": self.per_rank_batch_size() * self._world()[0]}
+        return [(s.name, s.spec.weight) for s in self._train_sources]
+
+    def stream_details(self) -> dict:
+        return {"max_length": self.max_length}
 
     def _mask_generator(self, stream: int, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + stream * 7_777_777 + index)

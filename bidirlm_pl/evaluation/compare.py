@@ -24,37 +24,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-
-def split_routing(path: str) -> tuple[str, str | None]:
-    """``FOLDER@ROUTING`` -> (FOLDER, ROUTING): a UBMoE folder evaluated with one routing in every mode."""
-    from bidirlm_pl.moe.ffn import ROUTING_MODES
-
-    folder, at, routing = str(path).rpartition("@")
-    if at and routing in ROUTING_MODES:
-        return folder, routing
-    return str(path), None
-
-
-def load_any(path: str, *, attn_implementation: str = "sdpa"):
-    """A causal LM and tokenizer from a plain folder, an asset name or a UBMoE folder (``@routing`` allowed)."""
-    from bidirlm_pl.backbone import load_backbone, resolve_model_path
-    from bidirlm_pl.errors import BidirLMError
-    from bidirlm_pl.moe.convert import ubmoe_record
-
-    path, routing = split_routing(path)
-    folder = resolve_model_path(path)
-    if ubmoe_record(folder) is not None:
-        from bidirlm_pl.moe.convert import load_ubmoe
-        from bidirlm_pl.moe.modes import set_mode_routing
-
-        model, tokenizer = load_ubmoe(folder, attn_implementation=attn_implementation)
-        if routing is not None:  # e.g. @forced1: the naive bidirectional FFN fine-tune, @forced0: the original
-            for name in ("generate", "embed"):
-                set_mode_routing(model, name, routing)
-        return model, tokenizer
-    if routing is not None:
-        raise BidirLMError(f"'{path}@{routing}': a routing applies to UBMoE folders only, and '{path}' is plain")
-    return load_backbone(folder, attn_implementation=attn_implementation, head="causal_lm")
+from bidirlm_pl.moe.modes import split_routing
 
 
 def _display_name(path: str) -> str:
@@ -129,8 +99,8 @@ def domain_table(results, suite) -> list[str]:
     base = results[0]
     ref = {d: mean(base, tasks) for d, tasks in sides.items()}
     names = {d: ", ".join(t.name for t in tasks) for d, tasks in sides.items()}
-    lines = ["", f"Generation in domain ({names['in']}) and out of domain ({names['out']}): causal perplexity, "
-             f"and its ratio to {base.name}:", "", "| model | in domain | out of domain |", "|---|---:|---:|"]
+    lines = ["", (f"Generation in domain ({names['in']}) and out of domain ({names['out']}): causal perplexity, "
+             f"and its ratio to {base.name}:"), "", "| model | in domain | out of domain |", "|---|---:|---:|"]
     for r in results:
         cells = []
         for d in ("in", "out"):

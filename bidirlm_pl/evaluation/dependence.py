@@ -172,7 +172,7 @@ def main(args) -> int:
 
     from bidirlm_pl import assets
     from bidirlm_pl.errors import BidirLMError
-    from bidirlm_pl.evaluation.compare import load_any
+    from bidirlm_pl.moe.modes import load_any
 
     if args.texts:
         path = Path(args.texts)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bidirlm_pl.errors import BidirLMError
+
 
 def spearman(a, b) -> float:
     """Spearman rank correlation (average ranks for ties)."""
@@ -37,7 +39,7 @@ def lee_pairs(n_docs: int = 50) -> tuple[list[str], np.ndarray]:
 
     docs = assets.lee_documents()
     if not 2 <= n_docs <= len(docs):
-        raise ValueError(f"n_docs {n_docs} must be in [2, {len(docs)}]")
+        raise BidirLMError(f"n_docs {n_docs} must be in [2, {len(docs)}]")
     full = np.zeros((len(docs), len(docs)))
     full[np.triu_indices(len(docs), 1)] = assets.lee_similarities()
     return docs[:n_docs], full[:n_docs, :n_docs][np.triu_indices(n_docs, 1)]

@@ -16,7 +16,7 @@ import torch
 from bidirlm_pl import attention
 from bidirlm_pl.backbone import decoder_of
 from bidirlm_pl.data.packing import collate_rows, pack_documents, tokenize_documents
-from bidirlm_pl.mntp_loss import causal_lm_loss, final_logit_softcap
+from bidirlm_pl.token_losses import causal_lm_loss, final_logit_softcap
 
 PROMPT = "The prime minister said on Tuesday that"
 
@@ -60,11 +60,6 @@ def continuation(model, tokenizer, prompt: str = PROMPT, max_new_tokens: int = 1
 
 
 @torch.no_grad()
-def choice_logprobs(model, tokenizer, context: str, choices: list[str]) -> list[float]:
-    """Sum of log-probabilities of each choice's tokens after ``context`` (causal attention)."""
-    return continuation_logprobs(model, tokenizer, [(context, c) for c in choices])
-
-
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[float]:
     """For each (context, continuation): the summed log-probability of the continuation's tokens, causally."""

@@ -154,7 +154,7 @@ def load_suite(path: str | Path | None) -> Suite:
 
             unknown = sorted(set(entry) - task_keys)
             near = difflib.get_close_matches(unknown[0], task_keys, n=1)
-            hint = f"did you mean '{near[0]}'?" if near else "the task fields are listed in README 'Evaluation'"
+            hint = f"did you mean '{near[0]}'?" if near else "the task fields are listed in docs/evaluation.md"
             raise BidirLMError(f"compare config: task '{entry['name']}' has unknown keys {unknown}; {hint}")
         if entry.get("include_path") and path is not None and not Path(entry["include_path"]).is_absolute():
             entry = {**entry, "include_path": str((path.parent / entry["include_path"]).resolve())}
@@ -305,9 +305,8 @@ def evaluate(spec: ModelSpec, suite: Suite, *, progress: bool = True) -> ModelRe
     from tqdm.auto import tqdm
 
     from bidirlm_pl import attention as attn
-    from bidirlm_pl.evaluation.compare import load_any
     from bidirlm_pl.moe.convert import is_ubmoe
-    from bidirlm_pl.moe.modes import mode
+    from bidirlm_pl.moe.modes import load_any, mode
 
     model, tokenizer = load_any(spec.path)
     model.eval()

@@ -53,14 +53,14 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise BidirLMError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise BidirLMError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise BidirLMError(f"{path}:{number}: not JSON ({err.msg})") from None
+            raise BidirLMError(f"{path}:{number}: not JSON ({err.msg})") from err
         missing = [f for f in fields if not isinstance(record, dict) or f not in record]
         if missing:
             raise BidirLMError(f"{path}:{number}: record has no {missing}; expected fields {list(fields)}")
@@ -110,9 +110,9 @@ def _wiki_leads() -> tuple[str, ...]:
 
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    from bidirlm_pl.assets import _gensim_data
+    from bidirlm_pl.assets import gensim_data
 
-    dump = _gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    dump = gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     records = []
     with bz2.open(dump) as stream:
         for _title, markup, _page in extract_pages(stream):
@@ -139,10 +139,10 @@ def _lee_sts() -> list[dict]:
 
 
 def _polarity() -> list[dict]:
-    from bidirlm_pl.assets import _gensim_data
+    from bidirlm_pl.assets import gensim_data
 
     records = []
-    for line in _gensim_data("pang_lee_polarity.cor").read_text(encoding="cp1252").splitlines():
+    for line in gensim_data("pang_lee_polarity.cor").read_text(encoding="cp1252").splitlines():
         label, _, text = line.partition(" ")
         if label.startswith("__label__") and text.strip():
             records.append({"text": text.strip(), "label": label.removeprefix("__label__")})
@@ -155,9 +155,9 @@ def _newsgroup_posts() -> tuple[tuple[str, str, str], ...]:
     """(group, subject, body) of gensim's 200 mini-newsgroup posts; quoted lines and headers dropped."""
     import pickletools
 
-    from bidirlm_pl.assets import _gensim_data
+    from bidirlm_pl.assets import gensim_data
 
-    raw = zlib.decompress(_gensim_data("mini_newsgroup").read_bytes())
+    raw = zlib.decompress(gensim_data("mini_newsgroup").read_bytes())
     texts = [arg for op, arg, _ in pickletools.genops(raw) if op.name == "UNICODE"]
     posts = []
     for text in texts:
@@ -187,10 +187,10 @@ def _capitals() -> list[dict]:
     """Cloze by log-likelihood: "<capital> is the capital of" -> the country among four (gensim's analogy file)."""
     import random
 
-    from bidirlm_pl.assets import _gensim_data
+    from bidirlm_pl.assets import gensim_data
 
     pairs, section = {}, None
-    for line in _gensim_data("questions-words.txt").read_text(encoding="utf-8").splitlines():
+    for line in gensim_data("questions-words.txt").read_text(encoding="utf-8").splitlines():
         if line.startswith(":"):
             section = line[1:].strip()
             continue

@@ -12,6 +12,7 @@ torch.Size([640])
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -26,7 +27,8 @@ from safetensors import safe_open
 
 from bidirlm_pl.errors import BidirLMError
 
-assert sys.byteorder == "little", "safetensors stores little-endian bytes; this writer assumes a little-endian host"
+if sys.byteorder != "little":
+    raise BidirLMError("this host is big-endian; the streaming safetensors writer needs a little-endian host")
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -204,7 +206,7 @@ def row_blocks(shape: tuple[int, ...], max_elements: int, splits: tuple[int, ...
     per_row = max(1, math.prod(shape[1:]))
     step = max(1, max_elements // per_row)
     bounds = sorted({0, rows, *range(step, rows, step), *[s for s in splits if 0 < s < rows]})
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 @dataclass

@@ -70,7 +70,7 @@ class OmniSpec:
             try:
                 parsed[role] = OmniSource(**item)
             except TypeError as err:
-                raise BidirLMError(f"compose source '{role}': {err}") from None
+                raise BidirLMError(f"compose source '{role}': {err}") from err
             if role != "text" and not parsed[role].towers:
                 raise BidirLMError(f"compose source '{role}' declares no 'towers' (key prefixes of its tower and "
                                    "projector, e.g. [model.visual.])")

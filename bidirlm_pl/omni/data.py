@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader, IterableDataset
 from bidirlm_pl.data.global_batches import (
     STATE_KEY,
     ResumableStream,
-    per_rank_batch_size,
     rank_rows,
     world_of,
 )
@@ -97,8 +96,8 @@ def _caption_rows(src: OmniSource, media: str) -> list[tuple]:
         try:
             row = json.loads(line)
             file, caption = path.parent / row[media], row["caption"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise BidirLMError(f"{path}:{i}: expected {{\"{media}\": path, \"caption\": text}}") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise BidirLMError(f"{path}:{i}: expected {{\"{media}\": path, \"caption\": text}}") from err
         if media == "image":
             from PIL import Image
 
@@ -183,14 +182,10 @@ class OmniPairsData(ResumableStream, L.LightningDataModule):
         self.init_stream(resume_stream)
         self.inputs = None
 
-    def per_rank_batch_size(self) -> int:
-        return per_rank_batch_size(self.batch_size, self.global_batch_size, world_of(self)[0])
-
     stream_name = "omni pair stream"
 
-    def stream_signature(self) -> dict:
-        return {"sources": [s.name for s in self.sources], "weights": [float(s.weight) for s in self.sources],
-                "seed": self.seed, "global_batch": self.per_rank_batch_size() * world_of(self)[0]}
+    def stream_sources(self) -> list[tuple[str, float]]:
+        return [(s.name, s.weight) for s in self.sources]
 
     def setup(self, stage: str | None = None) -> None:
         if self.inputs is not None:

@@ -46,7 +46,7 @@ def main(args) -> int:
         try:
             images.append(np.asarray(Image.open(path).convert("RGB")))
         except (FileNotFoundError, UnidentifiedImageError) as err:
-            raise BidirLMError(f"image '{path}' cannot be read: {err}") from None
+            raise BidirLMError(f"image '{path}' cannot be read: {err}") from err
         labels["image"].append(path)
     for path in args.audio:
         if not Path(path).is_file():

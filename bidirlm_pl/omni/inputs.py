@@ -72,9 +72,9 @@ class OmniInputs:
             raise BidirLMError("this omni model has no vision tower; compose it with a 'vision' source")
         try:
             out = self.image_processor(images=images, return_tensors="pt")
-        except Exception as err:  # noqa: BLE001 - the processor's refusal, reported in one line
+        except Exception as err:
             raise BidirLMError(f"the vision processor rejected an image: {str(err).strip().splitlines()[0]} "
-                               "(expected PIL images or HxWx3 uint8 arrays)") from None
+                               "(expected PIL images or HxWx3 uint8 arrays)") from err
         merge = self.image_processor.merge_size ** 2
         counts = [int(g.prod()) // merge for g in out["image_grid_thw"]]
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, counts
@@ -91,9 +91,9 @@ class OmniInputs:
         try:
             out = self.feature_extractor([np.asarray(c, dtype=np.float32) for c in clips], sampling_rate=AUDIO_RATE,
                                          padding=True, return_attention_mask=True, return_tensors="pt")
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise BidirLMError(f"the audio feature extractor rejected a clip: {str(err).strip().splitlines()[0]}") \
-                from None
+                from err
         features, mask = out["input_features"], out["attention_mask"]
         pad = (-features.shape[-1]) % chunk  # the tower reads whole windows of n_window * 2 frames
         if pad:

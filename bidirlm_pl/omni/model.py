@@ -34,7 +34,7 @@ def _load_prefixed(module: nn.Module, folder: Path, prefix: str, what: str) -> N
     from bidirlm_pl.merging.safetensors_io import Checkpoint
 
     ckpt = Checkpoint(folder)
-    state = {key[len(prefix):]: ckpt.read(key) for key in ckpt.keys() if key.startswith(prefix)}  # noqa: SIM118
+    state = {key[len(prefix):]: ckpt.read(key) for key in ckpt.keys() if key.startswith(prefix)}
     ckpt.close()
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:

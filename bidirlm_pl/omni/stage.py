@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from bidirlm_pl.backbone import BackboneSpec
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.losses import InfoNCE
 from bidirlm_pl.omni.inputs import OMNI_CONFIG, load_record
-from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
+from bidirlm_pl.specs import BackboneSpec, Schedule
+from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 from bidirlm_pl.trainable import apply_trainable
 
 

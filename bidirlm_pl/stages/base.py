@@ -6,7 +6,6 @@ returning a dict of scalars with a ``loss`` key, and may override ``build_model`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -14,45 +13,11 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from bidirlm_pl import attention
-from bidirlm_pl.backbone import BackboneSpec, check_backend, decoder_of, load_backbone, resolve_dtype
+from bidirlm_pl.backbone import check_backend, decoder_of, load_backbone, resolve_dtype
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.export import save_hf_folder
+from bidirlm_pl.specs import BackboneSpec, Schedule
 from bidirlm_pl.trainable import apply_trainable
-
-SCHEDULES = ("constant", "linear", "cosine", "wsd")
-
-
-@dataclass
-class Schedule:
-    """Learning-rate schedule: linear warmup, then constant, linear or cosine decay, or warmup-stable-decay.
-
-    ``warmup`` and ``decay`` are fractions of the total optimizer steps when below 1, else step counts.
-    """
-
-    name: str = "constant"
-    warmup: float = 0.0
-    decay: float = 0.1
-    min_lr_ratio: float = 0.0
-
-    def build(self, optimizer: torch.optim.Optimizer, total_steps: int):
-        from transformers import get_scheduler
-
-        if self.name not in SCHEDULES:
-            raise BidirLMError(f"schedule '{self.name}' is not one of {list(SCHEDULES)}")
-        steps = lambda x: int(x * total_steps) if x < 1 else int(x)
-        warmup = steps(self.warmup)
-        if self.name == "wsd":
-            return get_scheduler(
-                "warmup_stable_decay", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                scheduler_specific_kwargs={"num_decay_steps": max(1, steps(self.decay)),
-                                           "min_lr_ratio": self.min_lr_ratio},
-            )
-        if self.name == "cosine" and self.min_lr_ratio > 0:
-            return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup,
-                                 num_training_steps=total_steps,
-                                 scheduler_specific_kwargs={"min_lr_rate": self.min_lr_ratio})
-        name = "constant_with_warmup" if self.name == "constant" else self.name
-        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def default_optimizer(params):
@@ -227,7 +192,7 @@ class BackboneStage(L.LightningModule):
         Ranks see different numbers of masked/target tokens; without this, W processes x B rows would
         weight tokens differently from 1 process x W*B rows.
         """
-        from bidirlm_pl.losses import is_distributed
+        from bidirlm_pl.distributed import is_distributed
 
         if not (self.training and torch.is_grad_enabled() and is_distributed()):
             return value
@@ -308,9 +273,9 @@ class BackboneStage(L.LightningModule):
         """Unsharded backbone weights (LoRA merged). Collective under FSDP2: call it on every rank."""
         if self.device_mesh is None:
             return None  # save_hf_folder reads the model directly
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from bidirlm_pl.distributed import full_state_dict
 
-        state = get_model_state_dict(self.backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = full_state_dict(self.backbone)
         # a tied output layer is one parameter: keep its first name only, as save_pretrained does
         keep = {name for name, _ in self.backbone.named_parameters()} | {n for n, _ in self.backbone.named_buffers()}
         return {name: tensor for name, tensor in state.items() if name in keep}

@@ -17,11 +17,11 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from bidirlm_pl import attention
-from bidirlm_pl.backbone import BackboneSpec
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.losses import GradCache, InfoNCE
 from bidirlm_pl.pooling import Pooling
-from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
+from bidirlm_pl.specs import BackboneSpec, Schedule
+from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 
 
 def pack_padded(input_ids_BT: torch.Tensor, mask_BT: torch.Tensor, pool_BT: torch.Tensor) -> dict:
@@ -31,21 +31,6 @@ def pack_padded(input_ids_BT: torch.Tensor, mask_BT: torch.Tensor, pool_BT: torc
     positions_BT = torch.cumsum(mask_BT, dim=1) - 1
     return {"input_ids": input_ids_BT[keep][None], "position_ids": positions_BT[keep][None],
             "seq_ids": rows_BT[keep][None], "pool_mask": pool_BT[keep][None]}
-
-
-def set_attention_dropout(model: torch.nn.Module, p: float) -> int:
-    """Set the attention dropout of every attention module (SimCSE noise); return how many were set."""
-    if not 0 <= p < 1:
-        raise BidirLMError(f"attention_dropout {p} must be in [0, 1)")
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
-            module.attention_dropout = p
-            count += 1
-    for config in (model.config, getattr(model.config, "text_config", None)):
-        if config is not None and hasattr(config, "attention_dropout"):
-            config.attention_dropout = p
-    return count
 
 
 class ContrastiveStage(BackboneStage):
@@ -108,7 +93,7 @@ class ContrastiveStage(BackboneStage):
             return
         super().configure_model()
         if self.attention_dropout is not None:
-            set_attention_dropout(self.backbone, self.attention_dropout)
+            attention.set_attention_dropout(self.backbone, self.attention_dropout)
         hidden = self.backbone.config.get_text_config().hidden_size
         # a fixed seed: every process (FSDP2 shards without broadcasting) and every run start from one pooler
         with torch.random.fork_rng(devices=[]):
@@ -188,9 +173,9 @@ class ContrastiveStage(BackboneStage):
         self._latent_state = None
         if self.pooler is not None and self.pooler.latent is not None and self.device_mesh is not None:
             # FSDP2 shards the latent pooler too: gather its full weights on every rank (collective)
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            from bidirlm_pl.distributed import full_state_dict
 
-            full = get_model_state_dict(self.pooler, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = full_state_dict(self.pooler)
             self._latent_state = {k[len("latent."):]: v for k, v in full.items() if k.startswith("latent.")}
         return super().export_hf(target, overwrite=overwrite)
 

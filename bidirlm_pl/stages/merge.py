@@ -22,11 +22,11 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from bidirlm_pl.backbone import BackboneSpec
 from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.merging.engine import MergeSpec, merge, plan
 from bidirlm_pl.pooling import Pooling
-from bidirlm_pl.stages.base import BackboneStage, Schedule, default_optimizer
+from bidirlm_pl.specs import BackboneSpec, Schedule
+from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 
 
 def merge_cache_folder(spec: MergeSpec, cache: str | None) -> Path:

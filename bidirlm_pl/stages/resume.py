@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bidirlm_pl.distributed import is_distributed
 from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.losses import is_distributed
 
 RNG_KEY = "bidirlm_rng_states"
 
@@ -83,14 +83,18 @@ def check_same_model(saved: dict, current: dict[str, torch.Tensor], *, saved_mod
 
 def _saved_hparams(ckpt_path: Path) -> dict:
     """Hyperparameters of a Lightning checkpoint file or sharded checkpoint folder ({} if unreadable)."""
-    from bidirlm_pl.export_cli import LIGHTNING_META, safe_torch_load
+    from bidirlm_pl.checkpoint_io import LIGHTNING_META, safe_torch_load
 
     source = ckpt_path / LIGHTNING_META if ckpt_path.is_dir() else ckpt_path
     if not source.is_file():
         return {}
     try:
         return dict(safe_torch_load(source).get("hyper_parameters") or {})
-    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by Lightning's own load
+    except Exception as err:  # noqa: BLE001 - Lightning's own load reports an unreadable checkpoint in full
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"the stage options of checkpoint '{ckpt_path}' cannot be read safely "
+                       f"({type(err).__name__}); they are not compared with the config")
         return {}
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bidirlm_pl.assets import _file_lock, _tiny_tokenizer, cache_dir, tiny_config
+from bidirlm_pl.assets.cache import cache_dir, file_lock
+from bidirlm_pl.assets.tiny import tiny_config, tiny_tokenizer
+from bidirlm_pl.export import save_hf_folder
 
 MULTIMODAL_TOKENS = {"vision_start_token": "<|vision_start|>", "image_token": "<|image_pad|>",
                      "vision_end_token": "<|vision_end|>", "video_token": "<|video_pad|>",
@@ -27,7 +29,7 @@ TINY_OMNI = {"text": "tiny-omni-text", "vision": "tiny-qwen3-vl", "audio": "tiny
 
 def omni_tokenizer():
     """The Lee BPE tokenizer plus the multimodal placeholder tokens as special tokens."""
-    tok = _tiny_tokenizer()
+    tok = tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": list(MULTIMODAL_TOKENS.values())})
     return tok
 
@@ -57,13 +59,11 @@ def build_tiny_omni_sources(root: Path | None = None, seed: int = 0) -> dict[str
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from bidirlm_pl.export import save_hf_folder
-
     root = Path(root) if root is not None else cache_dir()
     paths = {role: root / name for role, name in TINY_OMNI.items()}
     if all((p / "model.safetensors").exists() for p in paths.values()):
         return paths
-    with _file_lock(cache_dir() / ".tiny-omni.lock"):
+    with file_lock(cache_dir() / ".tiny-omni.lock"):
         if all((p / "model.safetensors").exists() for p in paths.values()):
             return paths
         tok = omni_tokenizer()
@@ -77,9 +77,9 @@ def build_tiny_omni_sources(root: Path | None = None, seed: int = 0) -> dict[str
                                               "mrope_section": [2, 3, 3], "mrope_interleaved": True})
         vl = Qwen3VLConfig(
             text_config=vl_text, tie_word_embeddings=True,
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                               out_hidden_size=text["hidden_size"], patch_size=16, spatial_merge_size=2,
-                               temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+            vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                               "out_hidden_size": text["hidden_size"], "patch_size": 16, "spatial_merge_size": 2,
+                               "temporal_patch_size": 2, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
             image_token_id=ids["image_token"], video_token_id=ids["video_token"],
             vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
         save_hf_folder(Qwen3VLForConditionalGeneration(vl), tok, paths["vision"], overwrite=True)
@@ -88,8 +88,8 @@ def build_tiny_omni_sources(root: Path | None = None, seed: int = 0) -> dict[str
                                  ).save_pretrained(paths["vision"])
         asr = Qwen3ASRConfig(
             text_config=text, audio_token_id=ids["audio_token"], tie_word_embeddings=True,
-            audio_config=dict(num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
-                              d_model=32, output_dim=text["hidden_size"], downsample_hidden_size=16))
+            audio_config={"num_mel_bins": 128, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                              "d_model": 32, "output_dim": text["hidden_size"], "downsample_hidden_size": 16})
         save_hf_folder(Qwen3ASRForConditionalGeneration(asr), tok, paths["audio"], overwrite=True)
         Qwen3ASRFeatureExtractor().save_pretrained(paths["audio"])
     return paths

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bidirlm_pl import attention, load_backbone
 from bidirlm_pl.data.masking import Masker, MaskSpec
 from bidirlm_pl.data.packing import pack_batches
-from bidirlm_pl.mntp_loss import full_logits_mntp_loss, mntp_loss, prediction_mask
+from bidirlm_pl.token_losses import full_logits_mntp_loss, mntp_loss, prediction_mask
 
 
 def _batch(vocab, mask_id, seed=0):
@@ -93,7 +94,7 @@ def test_no_targets_gives_a_zero_loss_with_a_graph():
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_chunked_causal_lm_loss_equals_full_logits(layout, chunk):
     """The causal-LM loss through the sparse, chunked path equals full-vocabulary logits, value and gradients."""
-    from bidirlm_pl.mntp_loss import causal_lm_loss, full_logits_causal_lm_loss
+    from bidirlm_pl.token_losses import causal_lm_loss
 
     g = torch.Generator().manual_seed(1)
     B, T, D, V = 2, 9, 16, 50
@@ -114,3 +115,21 @@ def test_chunked_causal_lm_loss_equals_full_logits(layout, chunk):
     assert torch.allclose(sparse, full, atol=1e-5)
     for a, b in zip(grads, ref):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def full_logits_causal_lm_loss(logits_BTV: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference causal-LM loss from full logits (mean, number of targets); no prediction across documents."""
+    targets_BT = batch["input_ids"][:, 1:]
+    if batch.get("seq_ids") is not None:
+        seq = batch["seq_ids"]
+        valid_BT = (seq[:, 1:] == seq[:, :-1]) & (seq[:, 1:] >= 0)
+    elif batch.get("attention_mask") is not None:
+        mask = batch["attention_mask"].bool()
+        valid_BT = mask[:, 1:] & mask[:, :-1]
+    else:
+        valid_BT = torch.ones_like(targets_BT, dtype=torch.bool)
+    logits_NV = logits_BTV[:, :-1][valid_BT]
+    n = valid_BT.sum()
+    loss = F.cross_entropy(logits_NV.float(), targets_BT[valid_BT], reduction="sum") / n.clamp(min=1)
+    return loss, n
+

@@ -1,4 +1,6 @@
-"""Sparse-vocabulary MNTP loss: only masked positions go through the output layer.
+"""Token-prediction losses over the vocabulary: MNTP (masked next token) and causal next token, both sparse.
+
+Only the positions that predict a token go through the output layer.
 
 Masked next-token prediction predicts the masked token at position *i* from the hidden state at
 *i - 1* with the model's own next-token head. Computing logits at every position (as LLM2Vec does)
@@ -172,20 +174,3 @@ def final_logit_softcap(model) -> float | None:
     """The model's final logit soft-capping (Gemma), or None."""
     config = getattr(model.config, "text_config", None) or model.config
     return getattr(config, "final_logit_softcapping", None)
-
-
-def full_logits_causal_lm_loss(logits_BTV: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference causal-LM loss from full logits (mean, number of targets); no prediction across documents."""
-    targets_BT = batch["input_ids"][:, 1:]
-    if batch.get("seq_ids") is not None:
-        seq = batch["seq_ids"]
-        valid_BT = (seq[:, 1:] == seq[:, :-1]) & (seq[:, 1:] >= 0)
-    elif batch.get("attention_mask") is not None:
-        mask = batch["attention_mask"].bool()
-        valid_BT = mask[:, 1:] & mask[:, :-1]
-    else:
-        valid_BT = torch.ones_like(targets_BT, dtype=torch.bool)
-    logits_NV = logits_BTV[:, :-1][valid_BT]
-    n = valid_BT.sum()
-    loss = F.cross_entropy(logits_NV.float(), targets_BT[valid_BT], reduction="sum") / n.clamp(min=1)
-    return loss, n
