@@ -69,3 +69,25 @@ def test_import_contracts_are_kept():
                          check=False)
     assert run.returncode == 0, run.stdout[-3000:]
     assert "Contracts: 3 kept, 0 broken." in run.stdout
+
+
+def test_checkpoints_written_before_the_specs_moved_still_load_safely(tmp_path, monkeypatch):
+    """Schedule / LoraSpec / BackboneSpec lived in stages.base and backbone: old checkpoints name them there."""
+    import torch
+
+    from bidirlm_pl.checkpoint_io import safe_torch_load
+    from bidirlm_pl.specs import BackboneSpec, LoraSpec, Schedule
+
+    for cls, old in ((Schedule, "bidirlm_pl.stages.base"), (LoraSpec, "bidirlm_pl.backbone"),
+                     (BackboneSpec, "bidirlm_pl.backbone")):
+        monkeypatch.setattr(cls, "__module__", old)  # pickled under the old module name
+    saved = {"schedule": Schedule(name="wsd"), "backbone": BackboneSpec(model="m", lora=LoraSpec(r=4))}
+    import bidirlm_pl.backbone
+    import bidirlm_pl.stages.base
+
+    monkeypatch.setattr(bidirlm_pl.stages.base, "Schedule", Schedule, raising=False)
+    monkeypatch.setattr(bidirlm_pl.backbone, "BackboneSpec", BackboneSpec, raising=False)
+    torch.save(saved, tmp_path / "old.ckpt")
+    monkeypatch.undo()
+    loaded = safe_torch_load(tmp_path / "old.ckpt")
+    assert loaded == saved and type(loaded["schedule"]) is Schedule and type(loaded["backbone"].lora) is LoraSpec

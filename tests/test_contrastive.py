@@ -114,6 +114,10 @@ def test_gradcache_in_the_stage_equals_plain(tiny_qwen3, pooling):
 def test_attention_dropout_is_the_simcse_noise(tiny_qwen3):
     stage = ContrastiveStage(str(tiny_qwen3), attention_dropout=0.3)
     stage.configure_model()
+    # training noise only: the config (what an export's config.json says) keeps the model's own value
+    base = json.loads((tiny_qwen3 / "config.json").read_text())["attention_dropout"]
+    assert stage.backbone.config.attention_dropout == base != 0.3
+    assert {m.attention_dropout for m in stage.backbone.modules() if hasattr(m, "q_proj")} == {0.3}
     group = _batch(stage.tokenizer)["query"]
     assert stage.backbone.training
     a, b = stage.embed(group), stage.embed(group)
