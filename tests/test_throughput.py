@@ -63,17 +63,19 @@ def _logged_throughput(folder: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("config", ["configs/contrastive/tiny.yaml", "configs/ubmoe/stage1-tiny.yaml",
-                                    "configs/ubmoe/stage2-tiny.yaml:stage1", "configs/merge/specialist-tiny.yaml"])
+                                    "configs/ubmoe/stage2-tiny.yaml:stage1",
+                                    "configs/merge/specialist-gemma3-270m.yaml+configs/merge/specialist-tiny.yaml"])
 def test_throughput_logs_for_every_stage(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config, _, needs = config.partition(":")
+    configs = [arg for path in config.split("+") for arg in ("--config", str(ROOT / path))]
     extra = []
     if needs == "stage1":
         assert main(["fit", "--config", str(ROOT / "configs/ubmoe/stage1-tiny.yaml"), "--trainer.max_steps=1",
                      "--trainer.default_root_dir", str(tmp_path / "s1"), "--trainer.logger=false"]) == 0
         export = next((tmp_path).rglob("hf/config.json")).parent
         extra = ["--model.init_args.backbone.model", str(export)]
-    code = main(["fit", "--config", str(ROOT / config), "--trainer.max_steps=3", *extra,
+    code = main(["fit", *configs, "--trainer.max_steps=3", *extra,
                  "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger=null",
                  "--trainer.logger+=lightning.pytorch.loggers.CSVLogger",
                  f"--trainer.logger.save_dir={tmp_path / 'run'}", "--trainer.log_every_n_steps=1",

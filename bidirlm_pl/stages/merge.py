@@ -7,7 +7,7 @@ logs accuracy and macro F1 (torchmetrics) and ``val/steps_to_target``: the first
 reached ``target_fraction`` (93%) of its best value so far; the final history is written to
 ``<log_dir>/convergence.json``.
 
-    bidirlm fit --config configs/merge/specialist-tiny.yaml
+    bidirlm fit --config configs/merge/specialist-gemma3-270m.yaml --config configs/merge/specialist-tiny.yaml
 """
 
 from __future__ import annotations
