@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from bidirlm_pl.yaml_files import merge_mappings
+
 # lever name -> (how to switch it on in the stage config dict, what it is)
 LEVERS = {
     "compile": "backbone.compile: true (regional torch.compile of each decoder layer)",
@@ -56,18 +58,11 @@ def set_lever(config: dict, lever: str, on: bool) -> None:
         raise SystemExit(f"--lever {lever} is not one of {sorted(LEVERS)}")
 
 
-def _merge(a, b):
-    """``b`` over ``a`` as repeated ``--config`` files combine: mappings merged, other values replaced."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return {**a, **{k: _merge(a.get(k), v) for k, v in b.items()}}
-    return b
-
-
 def stage_config(args) -> dict:
     paths = [args.config] if isinstance(args.config, str) else list(args.config)
     config: dict = {}
     for path in paths:  # a stage base, then its fragments
-        config = _merge(config, yaml.safe_load(Path(path).read_text()))
+        config = merge_mappings(config, yaml.safe_load(Path(path).read_text()))
     init = config["model"]["init_args"]
     init["backbone"]["model"] = args.model or f"random:{args.random_config}"
     data = config["data"]["init_args"]

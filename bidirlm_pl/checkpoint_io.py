@@ -96,8 +96,9 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / DCP_METADATA).is_file()
 
 
-def safe_torch_load(path: str | Path):
-    """``torch.load(weights_only=True)`` with our config dataclasses allow-listed."""
+def safe_torch_load(path: str | Path, *, mmap: bool = False):
+    """``torch.load(weights_only=True)`` with our config dataclasses allow-listed (``mmap``: tensors stay on disk
+    until touched)."""
     import torch
 
     from bidirlm_pl.specs import BackboneSpec, LoraSpec, Schedule
@@ -106,7 +107,7 @@ def safe_torch_load(path: str | Path):
     allowed = [Schedule, LoraSpec, BackboneSpec, (Schedule, "bidirlm_pl.stages.base.Schedule"),
                (LoraSpec, "bidirlm_pl.backbone.LoraSpec"), (BackboneSpec, "bidirlm_pl.backbone.BackboneSpec")]
     with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def load_checkpoint(path: str | Path) -> dict:

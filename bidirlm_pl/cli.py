@@ -62,14 +62,13 @@ def _lightning_cli(argv: list[str] | None, *, export_dir: str | None = None):
 
         def _parse_ckpt_path(self):
             # LightningCLI replaces the configured model with the checkpoint's: refuse a silent swap first
-            from bidirlm_pl.stages.resume import check_resume_model, report_resumed_options
+            from bidirlm_pl.stages.resume import check_resume
 
             subcommand = self.config.get("subcommand")
             if subcommand == "fit":
                 self._resume_after_preemption(self.config[subcommand])
             if subcommand:
-                check_resume_model(self.config[subcommand], self.config[subcommand].get("ckpt_path"))
-                report_resumed_options(self.config[subcommand], self.config[subcommand].get("ckpt_path"))
+                check_resume(self.config[subcommand], self.config[subcommand].get("ckpt_path"))
             super()._parse_ckpt_path()
 
         def _resume_after_preemption(self, config):

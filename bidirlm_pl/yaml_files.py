@@ -32,3 +32,11 @@ def read_yaml_mapping(path: str | Path, what: str, *, hint: str = "") -> dict:
     if not isinstance(values, dict):
         raise BidirLMError(f"{where} holds a {type(values).__name__}, not a mapping of keys to values")
     return values
+
+
+def merge_mappings(base, override):
+    """``override`` over ``base`` as repeated ``--config`` files combine: mappings merged key by key, any other
+    value (lists included) replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: merge_mappings(base.get(k), v) for k, v in override.items()}}
+    return override

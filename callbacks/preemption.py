@@ -87,9 +87,10 @@ class Preemption(L.Callback):
 
         flag = torch.tensor([0 if self.received is None else 1], device=trainer.strategy.root_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.received is None:
+        anyone = bool(flag.item())  # the one host sync of the step
+        if anyone and self.received is None:
             self.received = "a signal to another rank"
-        return bool(flag.item())
+        return anyone
 
     @property
     def ckpt_path(self) -> str:

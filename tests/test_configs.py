@@ -8,6 +8,7 @@ import yaml
 from documented import fit_compositions, texts
 
 from bidirlm_pl.cli import main
+from bidirlm_pl.yaml_files import merge_mappings
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -31,13 +32,9 @@ RUNS = [(str(p.relative_to(ROOT)),) for p in STAGE_CONFIGS if p not in BASES] + 
 
 def _merged(run: tuple[str, ...]) -> dict:
     """The YAML of a run's files merged in order (mappings merged, other values replaced), as jsonargparse does."""
-    def merge(a, b):
-        if isinstance(a, dict) and isinstance(b, dict):
-            return {**a, **{k: merge(a.get(k), v) for k, v in b.items()}}
-        return b
     out: dict = {}
     for path in run:
-        out = merge(out, yaml.safe_load((ROOT / path).read_text()))
+        out = merge_mappings(out, yaml.safe_load((ROOT / path).read_text()))
     return out
 
 

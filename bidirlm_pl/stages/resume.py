@@ -88,8 +88,8 @@ def _saved_hparams(ckpt_path: Path) -> dict:
     source = ckpt_path / LIGHTNING_META if ckpt_path.is_dir() else ckpt_path
     if not source.is_file():
         return {}
-    try:
-        return dict(safe_torch_load(source).get("hyper_parameters") or {})
+    try:  # memory-mapped: the tensors (weights, optimizer moments) are not read for a few hyperparameters
+        return dict(safe_torch_load(source, mmap=True).get("hyper_parameters") or {})
     except Exception as err:  # noqa: BLE001 - Lightning's own load reports an unreadable checkpoint in full
         from lightning.pytorch.utilities import rank_zero_warn
 
@@ -114,10 +114,13 @@ def _same_model(a: str, b: str) -> bool:
 LIGHTNING_CKPT_WORDS = ("last", "best", "hpc", "registry")  # Lightning resolves these names itself
 
 
-def check_resume_model(config, ckpt_path) -> None:
-    """One-line error when ``--ckpt_path`` was trained as another stage or from another model than configured.
+def check_resume(config, ckpt_path) -> None:
+    """Before a resumed run: refuse a checkpoint of another stage or model, then print the options it overrides.
 
-    LightningCLI would otherwise silently replace the configured model with the checkpoint's.
+    One line when ``--ckpt_path`` was trained as another stage or from another model than configured
+    (LightningCLI would otherwise silently replace the configured model with the checkpoint's); then every
+    stage option the checkpoint overrides (LightningCLI restores a stage's options with its weights, so a
+    changed value in the config would otherwise be dropped silently). The checkpoint is read once.
     """
     if not ckpt_path:
         return
@@ -128,6 +131,14 @@ def check_resume_model(config, ckpt_path) -> None:
     model = config.get("model") if hasattr(config, "get") else None
     if not hparams or model is None:
         return
+    _check_same_stage_and_model(hparams, model, ckpt_path)
+    changes = resumed_option_changes(hparams, model)
+    if changes:
+        print(f"resuming from {ckpt_path}: the checkpoint's stage options are used where the config differs:\n  "
+              + "\n  ".join(changes), flush=True)
+
+
+def _check_same_stage_and_model(hparams: dict, model, ckpt_path) -> None:
     saved_class, saved_model = hparams.get("_class_path"), _model_name(hparams.get("backbone"))
     class_path = model.get("class_path")
     configured = _model_name((model.get("init_args") or {}).get("backbone"))
@@ -156,24 +167,9 @@ def _flat(value, prefix: str = "") -> dict:
     return {prefix[:-1]: value}
 
 
-def resumed_option_changes(config, ckpt_path) -> list[str]:
-    """The stage options that differ between the checkpoint and the config given (the checkpoint's are used)."""
-    if not ckpt_path:
-        return []
-    hparams = _saved_hparams(Path(ckpt_path))
-    model = config.get("model") if hasattr(config, "get") else None
-    if not hparams or model is None:
-        return []
+def resumed_option_changes(hparams: dict, model) -> list[str]:
+    """The stage options that differ between a checkpoint's hyperparameters and the configured model."""
     saved = _flat({k: v for k, v in hparams.items() if not k.startswith("_")})
     given = _flat(model.get("init_args") or {})
     return [f"{key}: {saved[key]!r} in the checkpoint, {given[key]!r} in the config"
             for key in sorted(saved.keys() & given.keys()) if saved[key] != given[key]]
-
-
-def report_resumed_options(config, ckpt_path) -> None:
-    """Print, before training continues, every stage option the checkpoint overrides (LightningCLI restores a
-    stage's options with its weights, so a changed value in the config would otherwise be dropped silently)."""
-    changes = resumed_option_changes(config, ckpt_path)
-    if changes:
-        print(f"resuming from {ckpt_path}: the checkpoint's stage options are used where the config differs:\n  "
-              + "\n  ".join(changes), flush=True)
