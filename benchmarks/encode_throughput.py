@@ -19,7 +19,7 @@ import time
 
 
 def mixed_texts(n: int, seed: int = 0) -> list[str]:
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     rng = random.Random(seed)
     docs = assets.lee_background()
@@ -50,7 +50,7 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from bidirlm_pl.encoder import Encoder
+    from bidirlm_pl.models.encoder import Encoder
 
     torch.set_num_threads(args.threads)
     texts = mixed_texts(args.texts)

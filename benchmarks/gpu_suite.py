@@ -84,7 +84,8 @@ def correctness(args) -> list[dict]:
     autocast, causal and bidirectional; max |difference| of final hidden states and of one weight gradient."""
     import torch
 
-    from bidirlm_pl import load_backbone, varlen
+    from bidirlm_pl import load_backbone
+    from bidirlm_pl.backbone import varlen
 
     models = ["tiny-qwen3", "tiny-gemma3"] if args.tiny else ["random:qwen3-0.6b", "random:gemma3-270m"]
     backends = ["flex_attention"]
@@ -152,7 +153,7 @@ def forward_backward(model, ids, seq, pos, bidirectional: bool, device: str):
     backward here: flex attention on CPU)."""
     import torch
 
-    from bidirlm_pl import attention
+    from bidirlm_pl.backbone import attention
 
     model.zero_grad(set_to_none=True)
     backward = not (device == "cpu" and model.config._attn_implementation == "flex_attention")
@@ -242,8 +243,8 @@ def encode(args) -> list[dict]:
     from encode_throughput import mixed_texts
     from sentence_transformers import SentenceTransformer
 
-    from bidirlm_pl.encoder import Encoder, write_encoder_files
-    from bidirlm_pl.hub import resolve_model_folder
+    from bidirlm_pl.core.hub import resolve_model_folder
+    from bidirlm_pl.models.encoder import Encoder, write_encoder_files
 
     source = resolve_model_folder("tiny-qwen3" if args.tiny else "random:qwen3-0.6b")
     dtype = "bfloat16" if args.device == "cuda" else "float32"
@@ -359,7 +360,7 @@ def ddp(args) -> list[dict]:
                                                 "init_args": {"dirpath": str(root / "hf")}}]
                 path = Path(tmp) / f"d{devices}.yaml"
                 path.write_text(yaml.safe_dump(run))
-                proc = subprocess.run([sys.executable, "-m", "bidirlm_pl.cli", "fit", "--config", str(path)],
+                proc = subprocess.run([sys.executable, "-m", "bidirlm_pl.cli.main", "fit", "--config", str(path)],
                                       capture_output=True, text=True, cwd=REPO, check=False)
                 if proc.returncode != 0:
                     raise RuntimeError(proc.stderr.strip().splitlines()[-1])

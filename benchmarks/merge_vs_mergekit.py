@@ -27,8 +27,8 @@ def finetune_copy(target: Path, docs: list[str], steps: int, seed: int) -> None:
     """A few AdamW steps of causal LM on ``docs`` from the real Gemma3-270M, saved as an HF folder."""
     import torch
 
-    from bidirlm_pl.backbone import load_backbone
-    from bidirlm_pl.export import save_hf_folder
+    from bidirlm_pl.backbone.load import load_backbone
+    from bidirlm_pl.core.export import save_hf_folder
 
     torch.manual_seed(seed)
     model, tokenizer = load_backbone("gemma3-270m", bidirectional=False)
@@ -47,7 +47,7 @@ def finetune_copy(target: Path, docs: list[str], steps: int, seed: int) -> None:
 
 
 def ensure_checkpoints(workdir: Path, steps: int) -> tuple[Path, Path]:
-    from bidirlm_pl.assets import lee_background
+    from bidirlm_pl.core.assets import lee_background
 
     docs = lee_background()
     paths = (workdir / "gemma3-270m-lee-a", workdir / "gemma3-270m-lee-b")
@@ -73,7 +73,7 @@ def timed(command: list[str], log: Path) -> tuple[float, float]:
 
 def max_abs_difference(a: Path, b: Path) -> float:
     """Largest elementwise difference between two merged folders, read tensor by tensor."""
-    from bidirlm_pl.merging.safetensors_io import Checkpoint
+    from bidirlm_pl.models.merging.safetensors_io import Checkpoint
 
     left, right = Checkpoint(a), Checkpoint(b)
     assert set(left.keys()) == set(right.keys()), (sorted(set(left.keys()) ^ set(right.keys())))[:5]
@@ -111,7 +111,7 @@ def main() -> int:
     for repeat in range(args.repeats):
         for name in ("bidirlm", "mergekit"):
             if name == "bidirlm":
-                command = [sys.executable, "-m", "bidirlm_pl.cli", "merge", "--models", str(model_a), str(model_b),
+                command = [sys.executable, "-m", "bidirlm_pl.cli.main", "merge", "--models", str(model_a), str(model_b),
                            "--weights", "0.5", "0.5", "--output", str(ours_out), "--overwrite"]
             else:
                 shutil.rmtree(theirs_out, ignore_errors=True)
@@ -129,7 +129,7 @@ def main() -> int:
           f"bidirlm/mergekit {peak['bidirlm'] / peak['mergekit']:.2f}")
     print(f"outputs agree: max |bidirlm - mergekit| = {difference:.3g}")
 
-    from bidirlm_pl.merging.similarity import similarity
+    from bidirlm_pl.models.merging.similarity import similarity
 
     for left, right in ((model_a, model_b), ("gemma3-270m", model_a), ("gemma3-270m", ours_out)):
         print()

@@ -4,7 +4,7 @@ Both variants run the same packed, masked 4 x 128 batch from the Lee corpus (30%
 bidirectional sdpa backbone in fp32, every weight trainable, AdamW; a step is forward + backward +
 optimizer step + zero_grad. The reference computes logits at every position (LLM2Vec) and a shifted
 cross-entropy over the masked ones; this stage gathers only the hidden states that predict a masked
-token and projects those (``bidirlm_pl.token_losses``).
+token and projects those (``bidirlm_pl.losses.token``).
 
 Time: one process, one warm-up step each, then ``--repeats`` alternating pairs; the ratio of medians.
 Memory: each variant runs in its own fresh subprocess; a thread samples the resident set size
@@ -80,7 +80,7 @@ def build(args):
 
 
 def step_fn(stage, batch, optimizer, variant: str):
-    from bidirlm_pl.token_losses import full_logits_mntp_loss
+    from bidirlm_pl.losses.token import full_logits_mntp_loss
 
     def run(timings: list | None = None):
         start = time.perf_counter()

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from bidirlm_pl import attention, load_backbone
+from bidirlm_pl import load_backbone
+from bidirlm_pl.backbone import attention
 
 
 def skewed_lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bidirlm_pl.yaml_files import merge_mappings
+from bidirlm_pl.core.yaml_files import merge_mappings
 
 # lever name -> (how to switch it on in the stage config dict, what it is)
 LEVERS = {
@@ -99,7 +99,7 @@ def stage_config(args) -> dict:
 
 def measure(config: dict) -> dict:
     from bidirlm_pl.callbacks.throughput import Throughput
-    from bidirlm_pl.cli import run_lightning
+    from bidirlm_pl.cli.fit import run_lightning
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"

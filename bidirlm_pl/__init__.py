@@ -1,14 +1,14 @@
 """bidirlm-pl: turn causal decoder LLMs into bidirectional encoders with PyTorch Lightning."""
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError
 
 # Heavy names (torch, transformers) load on first use, so that light commands (`bidirlm merge`,
 # `bidirlm similarity`, `bidirlm --help`) start in a fraction of the time.
 _LAZY = {
-    "set_bidirectional": "bidirlm_pl.attention",
-    "LoraSpec": "bidirlm_pl.specs",
-    "load_backbone": "bidirlm_pl.backbone",
-    "Encoder": "bidirlm_pl.encoder",
+    "set_bidirectional": "bidirlm_pl.backbone.attention",
+    "LoraSpec": "bidirlm_pl.core.specs",
+    "load_backbone": "bidirlm_pl.backbone.load",
+    "Encoder": "bidirlm_pl.models.encoder",
 }
 
 

@@ -30,8 +30,8 @@ class EmbeddingEval(L.Callback):
         self.history: list[tuple[int, float]] = []
 
     def score(self, pl_module) -> float:
-        from bidirlm_pl.encoder import Encoder
         from bidirlm_pl.evaluation.embedding import lee_spearman
+        from bidirlm_pl.models.encoder import Encoder
 
         pooler = getattr(pl_module, "pooler", None) or "mean"
         encoder = Encoder(pl_module.backbone, pl_module.tokenizer, pooler,

@@ -16,9 +16,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.merging.engine import MergeReport, MergeSpec, merge
-from bidirlm_pl.merging.safetensors_io import Checkpoint
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.models.merging.engine import MergeReport, MergeSpec, merge
+from bidirlm_pl.models.merging.safetensors_io import Checkpoint
 
 
 class MergeWithBase(L.Callback):

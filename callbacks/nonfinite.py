@@ -17,7 +17,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError
 
 ACTIONS = ("stop", "skip")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from bidirlm_pl.errors import PREEMPTED_EXIT, Preempted
+from bidirlm_pl.core.errors import PREEMPTED_EXIT, Preempted
 
 __all__ = ["PREEMPTED_EXIT", "Preempted", "Preemption"]
 

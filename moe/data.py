@@ -24,10 +24,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.packing import collate_rows, pack_documents, tokenize_documents
 from bidirlm_pl.data.pairs import PairCollator, PairsDataModule, PairSource
 from bidirlm_pl.data.sources import SourceSpec, load_texts
-from bidirlm_pl.errors import BidirLMError
 
 
 def _lee() -> SourceSpec:
@@ -45,7 +45,7 @@ def split_documents(source: SourceSpec | dict | None, holdout: int) -> tuple[lis
 def load_tokenizer(tokenizer: str | None):
     from transformers import AutoTokenizer
 
-    from bidirlm_pl.backbone import resolve_model_path
+    from bidirlm_pl.backbone.load import resolve_model_path
 
     if tokenizer is None:
         raise BidirLMError("the data module needs 'tokenizer' (a model folder or asset; the CLI links it to the model)")

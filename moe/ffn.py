@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError
 
 ROUTING_MODES = ("soft", "top1", "forced0", "forced1")
 TOP1_GRADIENTS = ("straight_through", "switch")

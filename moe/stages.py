@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 
-from bidirlm_pl import attention
+from bidirlm_pl.backbone import attention
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.specs import BackboneSpec, Schedule
 from bidirlm_pl.data.packing import token_mask
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.losses.token import causal_lm_loss, final_logit_softcap
 from bidirlm_pl.moe.convert import (
     UBMoESpec,
     convert_to_ubmoe,
@@ -34,9 +36,7 @@ from bidirlm_pl.moe.convert import (
     ubmoe_record,
 )
 from bidirlm_pl.moe.ffn import check_routing, load_balancing_loss
-from bidirlm_pl.specs import BackboneSpec, Schedule
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
-from bidirlm_pl.token_losses import causal_lm_loss, final_logit_softcap
 
 # trainable groups of a UBMoE model; expert 0 (the original FFN) never trains
 MOE_GROUP_PATTERNS = {
@@ -148,7 +148,7 @@ class UBMoEStage1(_UBMoEStage):
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
     ):
-        from bidirlm_pl.losses import InfoNCE
+        from bidirlm_pl.losses.contrastive import InfoNCE
 
         super().__init__(backbone, ubmoe=ubmoe, routing=routing, optimizer=optimizer, schedule=schedule)
         if not 0.0 <= attention_dropout < 1.0:
@@ -163,7 +163,7 @@ class UBMoEStage1(_UBMoEStage):
 
     def embed(self, encoded: dict) -> torch.Tensor:
         """Mean-pooled bidirectional states (B, D) of a padded group (``pool_mask`` excludes instructions)."""
-        from bidirlm_pl.pooling import mean_pool
+        from bidirlm_pl.models.pooling import mean_pool
 
         hidden_BTD = self.hidden_states(encoded, bidirectional=True)
         return mean_pool(hidden_BTD, encoded.get("pool_mask", encoded["attention_mask"]))

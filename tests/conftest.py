@@ -14,14 +14,14 @@ ARCHS = ("qwen3", "gemma3", "llama")
 @pytest.fixture(scope="session", params=ARCHS)
 def tiny_path(request):
     """A tiny random causal LM of each real architecture, with a BPE tokenizer trained on Lee."""
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     return assets.tiny_model(request.param)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3():
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     return assets.tiny_model("qwen3")
 
@@ -29,7 +29,7 @@ def tiny_qwen3():
 @pytest.fixture(scope="session")
 def gemma3_270m():
     """The real Gemma3-270M, converted once from its PyPI parts and cached."""
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     return assets.gemma3_270m()
 
@@ -44,7 +44,7 @@ _long_errors: dict[str, int] = {}
 
 @pytest.fixture(autouse=True, scope="session")
 def _record_error_lengths():
-    from bidirlm_pl.errors import BidirLMError
+    from bidirlm_pl.core.errors import BidirLMError
 
     original = BidirLMError.__init__
 

@@ -34,7 +34,7 @@ def _callbacks_yaml(root: Path, checkpoints: bool) -> Path:
 def fit_command(root: Path, config: str, *args: str, devices: int = 1, steps: int = 4,
                 checkpoints: bool = False) -> list[str]:
     root.mkdir(parents=True, exist_ok=True)
-    return [sys.executable, "-m", "bidirlm_pl.cli", "fit", "--config", config,
+    return [sys.executable, "-m", "bidirlm_pl.cli.main", "fit", "--config", config,
             "--config", str(_callbacks_yaml(root, checkpoints)),
             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.max_steps", str(steps),
             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",

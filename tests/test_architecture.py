@@ -71,23 +71,28 @@ def test_import_contracts_are_kept():
     assert "Contracts: 3 kept, 0 broken." in run.stdout
 
 
-def test_checkpoints_written_before_the_specs_moved_still_load_safely(tmp_path, monkeypatch):
-    """Schedule / LoraSpec / BackboneSpec lived in stages.base and backbone: old checkpoints name them there."""
+@pytest.mark.parametrize("layout", [
+    {"Schedule": "bidirlm_pl.stages.base", "LoraSpec": "bidirlm_pl.backbone", "BackboneSpec": "bidirlm_pl.backbone"},
+    {"Schedule": "bidirlm_pl.specs", "LoraSpec": "bidirlm_pl.specs", "BackboneSpec": "bidirlm_pl.specs"},
+])
+def test_checkpoints_written_before_the_specs_moved_still_load_safely(tmp_path, monkeypatch, layout):
+    """The specs lived in stages.base and backbone, then in bidirlm_pl.specs: old checkpoints name them there."""
+    import types
+
     import torch
 
-    from bidirlm_pl.checkpoint_io import safe_torch_load
-    from bidirlm_pl.specs import BackboneSpec, LoraSpec, Schedule
+    from bidirlm_pl.core import specs
+    from bidirlm_pl.core.checkpoint_io import safe_torch_load
 
-    for cls, old in ((Schedule, "bidirlm_pl.stages.base"), (LoraSpec, "bidirlm_pl.backbone"),
-                     (BackboneSpec, "bidirlm_pl.backbone")):
+    for name, old in layout.items():
+        cls = getattr(specs, name)
         monkeypatch.setattr(cls, "__module__", old)  # pickled under the old module name
-    saved = {"schedule": Schedule(name="wsd"), "backbone": BackboneSpec(model="m", lora=LoraSpec(r=4))}
-    import bidirlm_pl.backbone
-    import bidirlm_pl.stages.base
-
-    monkeypatch.setattr(bidirlm_pl.stages.base, "Schedule", Schedule, raising=False)
-    monkeypatch.setattr(bidirlm_pl.backbone, "BackboneSpec", BackboneSpec, raising=False)
+        module = sys.modules.get(old) or types.ModuleType(old)
+        monkeypatch.setitem(sys.modules, old, module)
+        monkeypatch.setattr(module, name, cls, raising=False)
+    saved = {"schedule": specs.Schedule(name="wsd"), "backbone": specs.BackboneSpec(model="m", lora=specs.LoraSpec(r=4))}
     torch.save(saved, tmp_path / "old.ckpt")
     monkeypatch.undo()
     loaded = safe_torch_load(tmp_path / "old.ckpt")
-    assert loaded == saved and type(loaded["schedule"]) is Schedule and type(loaded["backbone"].lora) is LoraSpec
+    assert loaded == saved and type(loaded["schedule"]) is specs.Schedule
+    assert type(loaded["backbone"].lora) is specs.LoraSpec

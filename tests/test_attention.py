@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bidirlm_pl import attention, load_backbone, varlen
+from bidirlm_pl import load_backbone
+from bidirlm_pl.backbone import attention, varlen
 
 BACKENDS = ("eager", "sdpa", "flex_attention")
 # fp32 plumbing stand-in for exact comparisons; the kernels' dtype rule is tested in test_varlen.py
@@ -116,7 +117,7 @@ def test_gemma3_bidirectional_window_is_symmetric_and_inclusive():
     causal = attention.packed_visibility(seq, causal=True, window=8)[0, 0]
     assert causal[10, 3] and not causal[10, 2] and not causal[10, 11]
     # and transformers' own is_causal=False agrees on the boundary (sdpa, unpacked)
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     model, _ = load_backbone(assets.tiny_model("gemma3"), attn_implementation="sdpa")
     ids = _ids(model.config.vocab_size, B=1, T=20)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bidirlm_pl import BidirLMError, load_backbone
-from bidirlm_pl.cli import main
+from bidirlm_pl.cli.main import main
 
 
 def test_missing_path_is_one_clear_line(tmp_path):
@@ -34,7 +34,7 @@ def test_unknown_backend_and_dtype(tiny_qwen3):
 
 
 def test_missing_optional_extra_message(monkeypatch):
-    from bidirlm_pl.errors import MissingExtraError, require
+    from bidirlm_pl.core.errors import MissingExtraError, require
 
     with pytest.raises(MissingExtraError, match=r"pip install 'bidirlm-pl\[demo\]'"):
         require("no_such_module_xyz", "demo", "The offline Gemma3-270M")
@@ -48,7 +48,7 @@ def test_stage_rejects_missing_model_before_training(tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bidirlm_pl.cli", "assets", "nope"], capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-m", "bidirlm_pl.cli.main", "assets", "nope"], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
 
 
@@ -63,7 +63,7 @@ def test_lora_wraps_and_merges_on_export(tiny_qwen3, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from bidirlm_pl import LoraSpec
-    from bidirlm_pl.export import save_hf_folder
+    from bidirlm_pl.core.export import save_hf_folder
 
     model, tok = load_backbone(tiny_qwen3, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
     for name, p in model.named_parameters():
@@ -96,8 +96,8 @@ def test_sharded_safetensors_checkpoint_loads(tiny_qwen3, tmp_path):
 
 def test_backbone_spec_is_one_block_for_every_stage(tiny_qwen3):
     """Stage defaults fill the spec's open fields; fixed ones refuse a contradiction in one line."""
+    from bidirlm_pl.core.specs import BackboneSpec
     from bidirlm_pl.moe import UBMoEStage1
-    from bidirlm_pl.specs import BackboneSpec
     from bidirlm_pl.stages.contrastive import ContrastiveStage
     from bidirlm_pl.stages.mntp import MNTPStage
 

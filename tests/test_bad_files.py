@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bidirlm_pl import BidirLMError
-from bidirlm_pl.backbone import resolve_model_path
+from bidirlm_pl.backbone.load import resolve_model_path
 from bidirlm_pl.data.sources import SourceSpec, open_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_parquet_without_the_column(tmp_path):
 
 def test_cli_exit_status_2_and_one_line(folder):
     _truncate(folder)
-    run = subprocess.run([sys.executable, "-m", "bidirlm_pl.cli", "dependence", "--model", str(folder)],
+    run = subprocess.run([sys.executable, "-m", "bidirlm_pl.cli.main", "dependence", "--model", str(folder)],
                          capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert run.returncode == 2
     lines = [line for line in run.stderr.splitlines() if line.strip()]

@@ -3,7 +3,7 @@ what was expected, exit status 2, and nothing written (every case runs in an emp
 
 import pytest
 
-from bidirlm_pl.cli import main
+from bidirlm_pl.cli.main import main
 
 MNTP = "configs/mntp/tiny.yaml"
 

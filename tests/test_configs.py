@@ -7,8 +7,8 @@ import pytest
 import yaml
 from documented import fit_compositions, texts
 
-from bidirlm_pl.cli import main
-from bidirlm_pl.yaml_files import merge_mappings
+from bidirlm_pl.cli.main import main
+from bidirlm_pl.core.yaml_files import merge_mappings
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -84,7 +84,7 @@ def test_model_fragments_complete_a_base_into_the_run_it_replaced():
 
 @pytest.mark.parametrize("path", COMPOSE_SPECS, ids=lambda p: p.name)
 def test_compose_spec_parses(path):
-    from bidirlm_pl.omni.compose import OmniSpec
+    from bidirlm_pl.cli.compose import OmniSpec
 
     spec = OmniSpec.load(path)
     assert set(spec.sources) == {"text", "vision", "audio"}
@@ -93,7 +93,7 @@ def test_compose_spec_parses(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_parses_and_names_existing_configs(path):
-    from bidirlm_pl.pipeline import load_recipe
+    from bidirlm_pl.cli.pipeline import load_recipe
 
     _, stages = load_recipe(path)
     for stage in stages:
@@ -113,7 +113,7 @@ def test_gpu_configs_exist():
 @pytest.mark.parametrize("run", GPU_RUNS, ids=_run_id)
 def test_gpu_config_resolves_for_one_device(run, capsys):
     """Every GPU stage config runs as given on a machine with one GPU: one device, no multi-process strategy."""
-    from bidirlm_pl.backbone import BACKENDS
+    from bidirlm_pl.backbone.load import BACKENDS
 
     printed = _print_config(run, capsys)
     trainer = printed["trainer"]
@@ -143,7 +143,7 @@ def _sources(printed: dict) -> list[dict]:
 def test_gpu_config_names_hub_models_and_datasets(run, capsys):
     """A GPU config runs as given where there is network: a hub model (or an earlier stage's export under
     runs/) and training data from hub datasets (the omni stage's image/audio captions excepted)."""
-    from bidirlm_pl.hub import split_hub_id
+    from bidirlm_pl.core.hub import split_hub_id
 
     printed = _print_config(run, capsys)
     model = printed["model"]["init_args"]["backbone"]["model"]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bidirlm_pl.cli import main
+from bidirlm_pl.cli.main import main
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.pairs import PairCollator
-from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.stages.contrastive import ContrastiveStage
 
 CONFIG = "configs/contrastive/tiny.yaml"
@@ -57,7 +57,7 @@ def test_fit_trains_logs_and_exports(fitted):
 def test_export_cli_round_trip(fitted, tmp_path, capsys):
     from sentence_transformers import SentenceTransformer
 
-    from bidirlm_pl.encoder import Encoder
+    from bidirlm_pl.models.encoder import Encoder
 
     ckpt = str(next(fitted.rglob("*.ckpt")))
     out = tmp_path / "encoder"
@@ -83,7 +83,7 @@ def test_export_cli_errors(tmp_path, capsys):
 
 
 def _batch(tokenizer, n=6, negatives=1):
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     docs = assets.lee_background()[:n * (2 + negatives)]
     rows = [{"anchor": docs[i][:40 + 25 * i], "positive": docs[n + i][:200],
@@ -150,8 +150,8 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_qwen3):
 
 def test_varlen_backend_packs_rows_and_matches_sdpa(tiny_qwen3):
     """The flash path (packed rows, cumulative lengths) with a CPU stand-in kernel equals padded SDPA."""
-    from bidirlm_pl import varlen
-    from bidirlm_pl.encoder import Encoder
+    from bidirlm_pl.backbone import varlen
+    from bidirlm_pl.models.encoder import Encoder
 
     backend = varlen.register_varlen_backend("reference_fp32", varlen.reference_varlen_fp32, half_only=False)
     out = []

@@ -6,7 +6,7 @@ One spawn checks both directions: the trained loss is plain InfoNCE + symmetric 
 import lightning as L
 import torch
 
-from bidirlm_pl.losses import InfoNCE
+from bidirlm_pl.losses.contrastive import InfoNCE
 
 B_LOCAL, N_NEG, D_IN, D_OUT = 3, 1, 10, 8
 

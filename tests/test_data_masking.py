@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.masking import (
     IGNORE_INDEX,
     Masker,
@@ -16,7 +17,6 @@ from bidirlm_pl.data.masking import (
     special_token_ids,
 )
 from bidirlm_pl.data.packing import pack_batches
-from bidirlm_pl.errors import BidirLMError
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def tok(tiny_qwen3):
 
 @pytest.fixture(scope="module")
 def batch(tok):
-    from bidirlm_pl.assets import lee_background
+    from bidirlm_pl.core.assets import lee_background
 
     docs = [tok(t)["input_ids"][:40] for t in lee_background()[:30]]
     docs += [[tok.bos_token_id, 50, tok.eos_token_id, 60, tok.pad_token_id, 70]]  # specials inside a document

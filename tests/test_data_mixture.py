@@ -2,9 +2,9 @@
 
 import pytest
 
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.mixture import Mixture
 from bidirlm_pl.data.sources import SourceSpec, TextSource
-from bidirlm_pl.errors import BidirLMError
 
 
 def _source(name, n, weight, streaming=False):

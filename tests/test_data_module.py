@@ -8,10 +8,10 @@ import lightning as L
 import pytest
 import torch
 
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.masking import IGNORE_INDEX, MaskSpec
 from bidirlm_pl.data.sources import SourceSpec
 from bidirlm_pl.data.text_module import STATE_KEY, TextDataModule
-from bidirlm_pl.errors import BidirLMError
 
 SOURCES = [SourceSpec("lee", kind="lee", weight=0.7), SourceSpec("lee50", kind="lee_documents", weight=0.3)]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bidirlm_pl.data.packing import Packer, collate_rows, pack_batches, pack_documents
-from bidirlm_pl.token_losses import prediction_mask
+from bidirlm_pl.losses.token import prediction_mask
 
 
 def document_starts(seq_ids_BT: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.sources import SourceSpec, first_documents, load_texts, open_source, resolve_kind
-from bidirlm_pl.errors import BidirLMError
 
 DOCS = ["The first document.", "A second one, longer than the first.", "Third!"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bidirlm_pl import load_backbone
-from bidirlm_pl.cli import main
+from bidirlm_pl.cli.main import main
 from bidirlm_pl.evaluation.dependence import capture_attention, dependence, shares
 
 TEXTS = ["The bank by the river was muddy after the storm.", "Rates rose again on Tuesday, the bank said."]

@@ -6,13 +6,13 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from bidirlm_pl import assets
+from bidirlm_pl.core import assets
 
 
 def test_fsdp2_two_processes_export_full_unsharded_weights(tmp_path):
     root = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "bidirlm_pl.cli", "fit",
+        sys.executable, "-m", "bidirlm_pl.cli.main", "fit",
         "--config", "configs/mntp/tiny.yaml", "--config", "configs/trainer/fsdp2.yaml",
         "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false",
         "--trainer.logger", "false",

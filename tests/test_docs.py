@@ -5,7 +5,7 @@ import re
 
 from documented import DOCS, ROOT, bidirlm_commands, config_paths, texts
 
-from bidirlm_pl.cli import LIGHTNING_SUBCOMMANDS, TOOLS
+from bidirlm_pl.cli.main import LIGHTNING_SUBCOMMANDS, TOOLS
 
 
 def test_readme_is_short_and_links_every_docs_page():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from bidirlm_pl import assets
-from bidirlm_pl.encoder import Encoder, mteb_model
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core import assets
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.models.encoder import Encoder, mteb_model
 from bidirlm_pl.stages.contrastive import ContrastiveStage
 
 INSTRUCTION = "Represent the news article: "
@@ -53,7 +53,7 @@ def test_sentence_transformers_loads_the_export_and_matches_our_encoder(exported
 def test_plain_automodel_gives_the_same_embeddings(exported):
     from transformers import AutoModel, AutoTokenizer
 
-    from bidirlm_pl.pooling import Pooling
+    from bidirlm_pl.models.pooling import Pooling
 
     mode, folder = exported
     model = AutoModel.from_pretrained(folder).eval()  # no remote code: is_causal false is native

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bidirlm_pl.cli import main
+from bidirlm_pl.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def _merge_args(tiny_qwen3, out):
 
 
 def test_disk_full_during_merge_is_one_line_and_keeps_the_previous_output(tiny_qwen3, tmp_path, monkeypatch, capsys):
-    from bidirlm_pl.merging.safetensors_io import StreamingWriter
+    from bidirlm_pl.models.merging.safetensors_io import StreamingWriter
 
     out = tmp_path / "merged"
     assert main(_merge_args(tiny_qwen3, out)) == 0
@@ -50,7 +50,7 @@ def test_disk_full_during_export_writes_nothing(tiny_qwen3, tmp_path, monkeypatc
     import transformers.modeling_utils
 
     from bidirlm_pl import load_backbone
-    from bidirlm_pl.export import save_hf_folder
+    from bidirlm_pl.core.export import save_hf_folder
 
     model, tok = load_backbone(tiny_qwen3)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _disk_full)
@@ -72,11 +72,11 @@ real_exchange = checkpoint_io._exchange
 checkpoint_io._exchange = lambda a, b: (time.sleep(60), real_exchange(a, b))[1]
 if sys.argv[1] == "export":
     from bidirlm_pl import load_backbone
-    from bidirlm_pl.export import save_hf_folder
+    from bidirlm_pl.core.export import save_hf_folder
     model, tok = load_backbone(sys.argv[2])
     save_hf_folder(model, tok, sys.argv[3], overwrite=True)
 else:
-    from bidirlm_pl.cli import main
+    from bidirlm_pl.cli.main import main
     sys.exit(main(sys.argv[1:]))
 """
 
@@ -84,7 +84,7 @@ else:
 def _write(args):
     if args[0] == "export":
         from bidirlm_pl import load_backbone
-        from bidirlm_pl.export import save_hf_folder
+        from bidirlm_pl.core.export import save_hf_folder
 
         model, tok = load_backbone(args[1])
         save_hf_folder(model, tok, args[2], overwrite=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.evaluation.compare import compare
 from bidirlm_pl.evaluation.suite import load_suite
 

@@ -16,12 +16,12 @@ import pytest
 from hub_standin import HubStandIn
 from safetensors.torch import load_file
 
-from bidirlm_pl.hub import split_hub_id
+from bidirlm_pl.core.hub import split_hub_id
 
 REPO = Path(__file__).resolve().parents[1]
 HF = str(Path(sys.executable).with_name("hf"))
 UNREACHABLE = "http://127.0.0.1:9"
-RESOLVE = "import sys; from bidirlm_pl.hub import resolve_model_folder as r; print(r(sys.argv[1]))"
+RESOLVE = "import sys; from bidirlm_pl.core.hub import resolve_model_folder as r; print(r(sys.argv[1]))"
 
 
 def run(args, env, cwd, timeout=600):
@@ -29,7 +29,7 @@ def run(args, env, cwd, timeout=600):
 
 
 def bidirlm(*args, env, cwd):
-    return run([sys.executable, "-m", "bidirlm_pl.cli", *args], env, cwd)
+    return run([sys.executable, "-m", "bidirlm_pl.cli.main", *args], env, cwd)
 
 
 def last_line(proc) -> str:
@@ -216,7 +216,7 @@ def test_export_pushes_to_the_hub_with_a_model_card(tmp_path):
 
 
 def test_model_card_inherits_the_stages_of_its_base(tmp_path):
-    from bidirlm_pl.model_card import stage_history, write_model_card
+    from bidirlm_pl.core.model_card import stage_history, write_model_card
 
     first, second = tmp_path / "mntp", tmp_path / "contrastive"
     first.mkdir(), second.mkdir()

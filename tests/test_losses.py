@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.losses import GradCache, InfoNCE
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.losses.contrastive import GradCache, InfoNCE
 
 
 def _embeddings(B=6, N=2, D=16, seed=0):

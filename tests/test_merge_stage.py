@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_merging_helpers import perturbed, state
 
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.labelled import LabelledTextDataModule, pang_lee_polarity, stratified_split
-from bidirlm_pl.errors import BidirLMError
 from bidirlm_pl.stages.merge import MergeStage
 
 
@@ -72,7 +72,7 @@ class _CausalLMStage(L.LightningModule):
 
     def __init__(self, model):
         super().__init__()
-        from bidirlm_pl.backbone import load_backbone
+        from bidirlm_pl.backbone.load import load_backbone
 
         self.model_path = str(model)
         self.backbone, self.tokenizer = load_backbone(model, bidirectional=False)
@@ -84,7 +84,7 @@ class _CausalLMStage(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
     def export_hf(self, target, overwrite=True):
-        from bidirlm_pl.export import save_hf_folder
+        from bidirlm_pl.core.export import save_hf_folder
 
         return save_hf_folder(self.backbone, self.tokenizer, target, overwrite=overwrite)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_merging_helpers import perturbed, state, write_copy
 
-from bidirlm_pl.merging import MergeSpec, merge
-from bidirlm_pl.merging.safetensors_io import Checkpoint
+from bidirlm_pl.models.merging import MergeSpec, merge
+from bidirlm_pl.models.merging.safetensors_io import Checkpoint
 
 
 @pytest.fixture()
@@ -133,7 +133,7 @@ def test_tied_embeddings(tiny_qwen3, tiny_path, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
     assert torch.equal(model.lm_head.weight, merged["model.embed_tokens.weight"])
     # an untied model (llama) merged with a tied sibling: its lm_head meets the sibling's embeddings
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     llama = assets.tiny_model("llama")
     llama_state = state(llama)

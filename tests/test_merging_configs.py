@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from bidirlm_pl.merging.cli import load_yaml_spec
-from bidirlm_pl.merging.engine import OUTPUT_DTYPES, MergeSpec
-from bidirlm_pl.merging.keymap import SHAPE_POLICIES, UNMATCHED_POLICIES, KeyMap
-from bidirlm_pl.merging.methods import METHODS, NEEDS_BASE
+from bidirlm_pl.cli.merge import load_yaml_spec
+from bidirlm_pl.models.merging.engine import OUTPUT_DTYPES, MergeSpec
+from bidirlm_pl.models.merging.keymap import SHAPE_POLICIES, UNMATCHED_POLICIES, KeyMap
+from bidirlm_pl.models.merging.methods import METHODS, NEEDS_BASE
 
 SPECS = sorted((Path(__file__).resolve().parent.parent / "configs" / "merge" / "specs").glob("*.yaml"))
 

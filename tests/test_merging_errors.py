@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from test_merging_helpers import perturbed, state, write_copy
 
-from bidirlm_pl import cli
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.merging import MergeSpec, merge
+from bidirlm_pl.cli import main as cli
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.models.merging import MergeSpec, merge
 
 
 @pytest.fixture()
@@ -46,7 +46,7 @@ def test_missing_model_folder(pair, tmp_path):
 
 
 def test_mismatched_architectures(pair, tmp_path):
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     refuses(tmp_path, r"is a 'llama' but .* is a 'qwen3'", models=[pair[0], str(assets.tiny_model("llama"))],
             weights=[0.5, 0.5])

@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_merging_helpers import perturbed, state, write_copy
 
-from bidirlm_pl import cli
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.merging import MergeSpec, merge
-from bidirlm_pl.merging.similarity import similarity, tensor_group
+from bidirlm_pl.cli import main as cli
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.models.merging import MergeSpec, merge
+from bidirlm_pl.models.merging.similarity import similarity, tensor_group
 
 
 @pytest.fixture()

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bidirlm_pl import attention, load_backbone
-from bidirlm_pl.cli import main
+from bidirlm_pl import load_backbone
+from bidirlm_pl.backbone import attention
+from bidirlm_pl.cli.main import main
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "mntp" / "tiny.yaml")
 

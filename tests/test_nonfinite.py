@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bidirlm_pl.callbacks.nonfinite import NonFiniteGuard
-from bidirlm_pl.cli import main
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.cli.main import main
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.stages.mntp import MNTPStage
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "mntp" / "tiny.yaml")

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bidirlm_pl import assets, cli
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.omni.compose import OmniSource, OmniSpec, compose
-from bidirlm_pl.omni.data import shape_image, tone
-from bidirlm_pl.omni.model import OmniEncoder
+from bidirlm_pl.cli import main as cli
+from bidirlm_pl.cli.compose import OmniSource, OmniSpec, compose
+from bidirlm_pl.core import assets
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.data.omni import shape_image, tone
+from bidirlm_pl.models.omni.model import OmniEncoder
 
 TOWERS = {"vision": ["model.visual."], "audio": ["model.audio_tower.", "model.multi_modal_projector."]}
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.pairs import PairsDataModule, PairSource, SourceBatches, load_rows
-from bidirlm_pl.errors import BidirLMError
 
 
 def _jsonl(path, rows):

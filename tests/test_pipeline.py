@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from bidirlm_pl import BidirLMError
-from bidirlm_pl.pipeline import load_recipe, run_recipe
+from bidirlm_pl.cli.pipeline import load_recipe, run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

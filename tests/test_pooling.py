@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.pooling import ST_MODES, Pooling, pool_mask
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.models.pooling import ST_MODES, Pooling, pool_mask
 
 
 def _padded(seed=0):

@@ -36,7 +36,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bidirlm_pl.cli", *args], env=ENV, cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bidirlm_pl.cli.main", *args], env=ENV, cwd=REPO, capture_output=True,
                           text=True, timeout=600, check=False, **kwargs)
 
 
@@ -45,7 +45,7 @@ def test_sigterm_saves_stops_with_75_and_the_same_command_resumes_exactly(tmp_pa
     assert cli(fit_args(plain)).returncode == 0
     root, markers = tmp_path / "preempted", tmp_path / "markers"
     slow = ["--trainer.callbacks+=slow_steps.SlowSteps", "--trainer.callbacks.marker_dir", str(markers)]
-    proc = subprocess.Popen([sys.executable, "-m", "bidirlm_pl.cli", *fit_args(root, *slow)], env=ENV, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "bidirlm_pl.cli.main", *fit_args(root, *slow)], env=ENV, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (markers / "step-2").exists():
@@ -66,7 +66,7 @@ def test_sigterm_saves_stops_with_75_and_the_same_command_resumes_exactly(tmp_pa
 KILL_IN_WRITE = """
 import os, signal, sys
 from pathlib import Path
-from bidirlm_pl import checkpoint_io
+from bidirlm_pl.core import checkpoint_io
 
 real, count = checkpoint_io.atomic_write_bytes, [0]
 
@@ -80,7 +80,7 @@ def dies_in_the_third_write(path, data):
     return real(path, data)
 
 checkpoint_io.atomic_write_bytes = dies_in_the_third_write
-from bidirlm_pl.cli import main
+from bidirlm_pl.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -109,7 +109,7 @@ def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_one_and_resume_mat
 def test_two_runs_into_one_folder_one_line_naming_the_holder_and_a_stale_lock_is_taken_over(tmp_path):
     root, markers = tmp_path / "run", tmp_path / "markers"
     slow = ["--trainer.callbacks+=slow_steps.SlowSteps", "--trainer.callbacks.marker_dir", str(markers)]
-    first = subprocess.Popen([sys.executable, "-m", "bidirlm_pl.cli", *fit_args(root, *slow, steps=40)], env=ENV,
+    first = subprocess.Popen([sys.executable, "-m", "bidirlm_pl.cli.main", *fit_args(root, *slow, steps=40)], env=ENV,
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -149,7 +149,7 @@ def test_resuming_with_changed_stage_options_lists_them_before_training(tmp_path
 @pytest.mark.parametrize("exchange", [True, False])
 def test_replace_path_swaps_a_complete_folder_in_and_the_target_never_holds_a_mix(tmp_path, monkeypatch, exchange):
     """Sharded checkpoint folders and exports: the target is the old folder or the new one, whole."""
-    from bidirlm_pl import checkpoint_io
+    from bidirlm_pl.core import checkpoint_io
 
     if not exchange:  # the fallback where renameat2 is missing: move aside, rename, remove
         monkeypatch.setattr(checkpoint_io, "_exchange", lambda a, b: False)

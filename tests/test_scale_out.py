@@ -54,7 +54,7 @@ def test_mntp_ddp_two_processes_equal_one_process(mntp_one_process, tmp_path):
     ddp = fit(tmp_path / "ddp", MNTP, *MNTP_ARGS, *DDP2, devices=2)
     assert_same_run(mntp_one_process, ddp)
     # the run trained: weights moved from the initial model
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     assert max_difference(weights(assets.tiny_model("qwen3")), weights(ddp / "hf")) > 1e-4
 
@@ -146,7 +146,7 @@ def test_fsdp2_sharded_checkpoints_resume_and_export(mntp_one_process, tmp_path)
     assert sorted(got) == [2, 3] and all(abs(got[s] - ref[s]) <= TOL for s in (2, 3)), (ref, got)
     # the sharded step-4 checkpoint exports the weights of the unsharded one-process run
     out = tmp_path / "exported"
-    run([sys.executable, "-m", "bidirlm_pl.cli", "export", "--ckpt", str(full / "ckpt" / "step=4.ckpt"), "--output", str(out)])
+    run([sys.executable, "-m", "bidirlm_pl.cli.main", "export", "--ckpt", str(full / "ckpt" / "step=4.ckpt"), "--output", str(out)])
     assert max_difference(weights(mntp_one_process / "hf"), weights(out)) <= TOL
 
 

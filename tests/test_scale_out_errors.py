@@ -6,10 +6,10 @@ import pytest
 import torch
 from scale_out_runs import fit
 
-from bidirlm_pl import cli
+from bidirlm_pl.cli import main as cli
+from bidirlm_pl.cli.preflight import check_fit_config
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.global_batches import per_rank_batch_size
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.preflight import check_fit_config
 
 MNTP = "configs/mntp/tiny.yaml"
 CONTRASTIVE = "configs/contrastive/tiny.yaml"

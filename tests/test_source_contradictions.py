@@ -46,7 +46,7 @@ def test_describe_source_names_kind_files_and_count(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "bidirlm_pl.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bidirlm_pl.cli.main", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=300, check=False)
 
 

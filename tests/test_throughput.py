@@ -8,7 +8,7 @@ import torch
 
 from bidirlm_pl import load_backbone
 from bidirlm_pl.callbacks.throughput import _group_pairs, flops_tensor, tokens_tensor
-from bidirlm_pl.cli import main
+from bidirlm_pl.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bidirlm_pl import attention, load_backbone
+from bidirlm_pl import load_backbone
+from bidirlm_pl.backbone import attention
 from bidirlm_pl.data.masking import Masker, MaskSpec
 from bidirlm_pl.data.packing import pack_batches
-from bidirlm_pl.token_losses import full_logits_mntp_loss, mntp_loss, prediction_mask
+from bidirlm_pl.losses.token import full_logits_mntp_loss, mntp_loss, prediction_mask
 
 
 def _batch(vocab, mask_id, seed=0):
@@ -55,7 +56,7 @@ def test_sparse_loss_equals_full_logits_reference(tiny_path, chunk_size):
 
 
 def test_softcapped_logits_match_the_model(tiny_qwen3):
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     model, tok = load_backbone(assets.tiny_model("gemma3"), bidirectional=True, attn_implementation="eager")
     model.config.final_logit_softcapping = 0.05
@@ -94,7 +95,7 @@ def test_no_targets_gives_a_zero_loss_with_a_graph():
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_chunked_causal_lm_loss_equals_full_logits(layout, chunk):
     """The causal-LM loss through the sparse, chunked path equals full-vocabulary logits, value and gradients."""
-    from bidirlm_pl.token_losses import causal_lm_loss
+    from bidirlm_pl.losses.token import causal_lm_loss
 
     g = torch.Generator().manual_seed(1)
     B, T, D, V = 2, 9, 16, 50

@@ -1,7 +1,7 @@
 import pytest
 
 from bidirlm_pl import BidirLMError, LoraSpec, load_backbone
-from bidirlm_pl.trainable import apply_trainable, parameter_group
+from bidirlm_pl.backbone.trainable import apply_trainable, parameter_group
 
 
 def test_groups_select_the_named_modules(tiny_qwen3):

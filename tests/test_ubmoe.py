@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bidirlm_pl import load_backbone, moe
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.moe.ffn import UniBiFFN, load_balancing_loss
 
 
@@ -211,7 +211,7 @@ def test_load_ubmoe_refuses_a_plain_folder(tiny_qwen3):
 
 @torch.no_grad()
 def test_packed_perplexity_equals_per_document_loss_and_forced0_matches_original(tiny_qwen3):
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
     from bidirlm_pl.evaluation.generation import causal_perplexity
     from bidirlm_pl.moe.data import tokenize_documents
 

@@ -8,8 +8,8 @@ import torch
 
 from bidirlm_pl import load_backbone, moe
 from bidirlm_pl.callbacks import RouterStats
-from bidirlm_pl.cli import main
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.cli.main import main
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.moe import UBMoEPairsData, UBMoEStage1, UBMoEStage2, UBMoETextData
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ubmoe"
@@ -63,7 +63,7 @@ def test_stage1_trains_only_expert1_and_equals_a_plain_model(tiny_path, tmp_path
         plain.save_pretrained(tmp_path / "plain")
         tok.save_pretrained(tmp_path / "plain")
         reference, _ = load_backbone(tmp_path / "plain", bidirectional=True)
-        from bidirlm_pl.pooling import mean_pool
+        from bidirlm_pl.models.pooling import mean_pool
 
         hidden = reference.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         assert (mean_pool(hidden, batch["attention_mask"]) - ours).abs().max() <= 1e-5
@@ -75,7 +75,7 @@ def test_stage1_takes_supervised_pairs_with_hard_negatives(tiny_qwen3, tmp_path)
 
     from bidirlm_pl.data.pairs import PairsDataModule, PairSource
 
-    docs = [d[:200] for d in __import__("bidirlm_pl.assets", fromlist=["x"]).lee_background()[:12]]
+    docs = [d[:200] for d in __import__("bidirlm_pl.core.assets", fromlist=["x"]).lee_background()[:12]]
     rows = [{"anchor": d[:80], "positive": d[80:], "negatives": [docs[(i + 1) % 12][80:]]} for i, d in enumerate(docs)]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data = PairsDataModule(tokenizer=str(tiny_qwen3), batch_size=4, max_length=32, sources=[PairSource(
@@ -118,7 +118,7 @@ def test_stage2_kl_to_base_equals_the_full_logits_kl_to_the_forced0_model(stage1
     """The reference is the model itself with expert 0 everywhere (the base); routing is restored after."""
     import torch.nn.functional as F
 
-    from bidirlm_pl.token_losses import next_token_labels, prediction_mask
+    from bidirlm_pl.losses.token import next_token_labels, prediction_mask
 
     stage = UBMoEStage2(backbone=str(stage1_folder), kl_to_base=2.0, expert1_penalty=0.5, loss_chunk_size=7,
                         optimizer=_sgd)
@@ -235,7 +235,7 @@ def test_ubmoe_yaml_parses(name, capsys):
 
 def test_similarity_reads_a_ubmoe_folder_as_expert_drift(stage1_folder, tiny_qwen3):
     """`bidirlm similarity UBMoE base`: only the FFN moved (expert 1); expert 0 is the original exactly."""
-    from bidirlm_pl.merging.similarity import similarity
+    from bidirlm_pl.models.merging.similarity import similarity
 
     drift = similarity(str(stage1_folder), str(tiny_qwen3), expert=1)
     assert drift.groups["attention"].cosine == pytest.approx(1.0, abs=1e-12)
@@ -246,7 +246,7 @@ def test_similarity_reads_a_ubmoe_folder_as_expert_drift(stage1_folder, tiny_qwe
 
 
 def test_merge_refuses_a_ubmoe_folder_with_one_line(stage1_folder, tiny_qwen3, tmp_path, capsys):
-    from bidirlm_pl.cli import main as cli_main
+    from bidirlm_pl.cli.main import main as cli_main
 
     code = cli_main(["merge", "--models", str(stage1_folder), str(tiny_qwen3), "--weights", "0.5", "0.5",
                      "--output", str(tmp_path / "out")])
@@ -268,7 +268,7 @@ def test_tiny_stage1_does_not_collapse_and_keeps_expert0(tmp_path, monkeypatch, 
     Threshold: a SimCSE collapse maps every text to one direction (effective rank ~1, the failure seen
     on Gemma3-270M at lr 3e-4); we require at least half the untrained model's effective rank.
     """
-    from bidirlm_pl.assets import lee_documents
+    from bidirlm_pl.core.assets import lee_documents
     from bidirlm_pl.evaluation.embedding import embed_texts
 
     monkeypatch.chdir(tmp_path)
@@ -293,7 +293,7 @@ def test_tiny_stage1_does_not_collapse_and_keeps_expert0(tmp_path, monkeypatch, 
 
 def test_stage1_starts_from_an_exported_bidirectional_folder(tmp_path, tiny_qwen3):
     """Composition: stage 1 takes what another stage exported (here a bidirectional plain folder, as MNTP writes)."""
-    from bidirlm_pl.export import save_hf_folder
+    from bidirlm_pl.core.export import save_hf_folder
 
     exported, tok = load_backbone(tiny_qwen3, bidirectional=True)
     with torch.no_grad():

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
-from bidirlm_pl import attention, load_backbone, varlen
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl import load_backbone
+from bidirlm_pl.backbone import attention, varlen
+from bidirlm_pl.core.errors import BidirLMError
 
 STRICT = varlen.register_varlen_backend("reference", varlen.reference_varlen)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError
 
 STATE_KEY = "_stream_state"
 

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from bidirlm_pl.errors import BidirLMError, require
+from bidirlm_pl.core.errors import BidirLMError, require
 
 SOURCES = ("pang_lee_polarity", "jsonl")
 
@@ -123,7 +123,7 @@ class LabelledTextDataModule(L.LightningDataModule):
                 raise BidirLMError("LabelledTextDataModule needs a tokenizer (the stage's model folder or asset name)")
             from transformers import AutoTokenizer
 
-            from bidirlm_pl.backbone import resolve_model_path
+            from bidirlm_pl.backbone.load import resolve_model_path
 
             self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
             if self.tokenizer.pad_token is None:

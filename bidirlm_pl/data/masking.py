@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError
 
 REPLACEMENTS = ("all_mask", "80/10/10")
 IGNORE_INDEX = -100

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.sources import TextSource
-from bidirlm_pl.errors import BidirLMError
 
 
 def normalised_weights(names: list[str], weights: list[float]) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Pack tokenized documents into rows of ``max_length`` (padding-free batches) with document boundaries kept.
 
 A packed row concatenates several documents. The batch convention of the whole project
-(see ``bidirlm_pl.attention``):
+(see ``bidirlm_pl.backbone.attention``):
 
 * ``input_ids`` (B, T): tokens, ``pad_token_id`` after the last document of a row;
 * ``position_ids`` (B, T): restart at 0 at every document (0 on padding);

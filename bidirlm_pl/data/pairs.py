@@ -36,6 +36,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.hub import load_dataset
 from bidirlm_pl.data import sources as text_sources
 from bidirlm_pl.data.global_batches import (
     STATE_KEY,
@@ -43,8 +45,6 @@ from bidirlm_pl.data.global_batches import (
     rank_rows,
     world_of,
 )
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.hub import load_dataset
 
 MODES = ("pairs", "simcse", "halves")
 
@@ -230,7 +230,7 @@ class PairCollator:
 
     def prefix_length(self, instruction: str | None) -> int:
         """Tokens of the instruction alone (with special tokens, as sentence-transformers counts a prompt)."""
-        from bidirlm_pl.encoder import prompt_length
+        from bidirlm_pl.models.encoder import prompt_length
 
         if instruction not in self._prefix_cache:
             self._prefix_cache[instruction] = prompt_length(self.tokenizer, instruction)
@@ -384,7 +384,7 @@ class PairsDataModule(ResumableStream, L.LightningDataModule):
     def _tokenizer(self):
         from transformers import AutoTokenizer
 
-        from bidirlm_pl.backbone import resolve_model_path
+        from bidirlm_pl.backbone.load import resolve_model_path
 
         if self.tokenizer_name is None:
             raise BidirLMError("PairsDataModule needs 'tokenizer' (a model folder or asset name)")

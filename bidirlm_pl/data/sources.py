@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.hub import load_dataset
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.hub import load_dataset
 
 KINDS = ("auto", "text", "jsonl", "parquet", "disk", "hf", "lee", "lee_documents")
 TEXT_UNITS = ("line", "paragraph", "file")
@@ -298,7 +298,7 @@ def open_source(spec: SourceSpec) -> TextSource:
     if spec.text_unit not in TEXT_UNITS:
         raise BidirLMError(f"source '{spec.name}': text_unit '{spec.text_unit}' is not one of {list(TEXT_UNITS)}")
     if kind in ("lee", "lee_documents"):
-        from bidirlm_pl import assets
+        from bidirlm_pl.core import assets
 
         return TextSource(spec, docs=assets.lee_background() if kind == "lee" else assets.lee_documents())
     if kind == "text":

@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.global_batches import (
     STATE_KEY,
     ResumableStream,
@@ -51,7 +52,6 @@ from bidirlm_pl.data.sources import (
     open_source,
     resolve_kind,
 )
-from bidirlm_pl.errors import BidirLMError
 
 SHORT_DOCUMENT_POLICIES = ("error", "skip")
 
@@ -179,7 +179,7 @@ class TextDataModule(ResumableStream, L.LightningDataModule):
             raise BidirLMError("TextDataModule needs 'tokenizer' (a model folder or asset name)")
         from transformers import AutoConfig, AutoTokenizer
 
-        from bidirlm_pl.backbone import resolve_model_path
+        from bidirlm_pl.backbone.load import resolve_model_path
 
         path = resolve_model_path(self.tokenizer_name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -141,10 +141,10 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
             config: str | None = None, output: str | None = None, max_length: int | None = None,
             overwrite: bool = False, progress: bool = True):
     """Run the suite on every model; returns the per-model results (and writes the report to ``output``)."""
-    from bidirlm_pl.backbone import resolve_model_path
-    from bidirlm_pl.errors import BidirLMError
+    from bidirlm_pl.backbone.load import resolve_model_path
+    from bidirlm_pl.core.errors import BidirLMError
+    from bidirlm_pl.core.export import atomic_folder
     from bidirlm_pl.evaluation.suite import ModelSpec, check_data, evaluate, load_suite
-    from bidirlm_pl.export import atomic_folder
 
     for option, values in (("--names", names), ("--attention", attention)):
         if values and len(values) != len(paths):
@@ -187,21 +187,3 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
                 print("no plot: the suite needs a perplexity task and an embedding task")
         print(f"report written to {output}/report.md, report.json, report.png")
     return results
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("models", nargs="+", help="model folders or asset names (plain, merged, UBMoE...); "
-                        "UBMoE@ROUTING (soft, top1, forced0, forced1) evaluates a UBMoE folder with one routing")
-    parser.add_argument("--names", nargs="+", help="a display name per model")
-    parser.add_argument("--attention", nargs="+", choices=["bidirectional", "causal"],
-                        help="embedding attention per model (default: bidirectional for all)")
-    parser.add_argument("--config", help="evaluation suite YAML (configs/compare/*.yaml; default: the default suite)")
-    parser.add_argument("--output", help="folder for report.json, report.md and report.png")
-    parser.add_argument("--max-length", type=int, help="tokens per text for every task (overrides the suite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-
-
-def main(args) -> int:
-    compare(args.models, args.names, attention=args.attention, config=args.config, output=args.output,
-            max_length=args.max_length, overwrite=args.overwrite)
-    return 0

@@ -17,11 +17,9 @@ flash return no weights). Reported per length bucket, overall, and per layer on 
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -125,7 +123,7 @@ def dependence(model, tokenizer, texts: list[str], *, name: str = "model", max_l
     """
     from tqdm.auto import tqdm
 
-    from bidirlm_pl.backbone import decoder_of
+    from bidirlm_pl.backbone.load import decoder_of
 
     decoder = decoder_of(model)
     if bidirectional is None:
@@ -143,7 +141,7 @@ def dependence(model, tokenizer, texts: list[str], *, name: str = "model", max_l
             by_bucket.setdefault(bucket_of(enc["input_ids"].shape[1]), []).append(layers_LS.mean(0))
             per_layer_sum = layers_LS if per_layer_sum is None else per_layer_sum + layers_LS
     if not per_text:
-        from bidirlm_pl.errors import BidirLMError
+        from bidirlm_pl.core.errors import BidirLMError
 
         raise BidirLMError("no text has two or more tokens; dependence needs real sentences")
     order = [bucket_of(e) for e in BUCKETS] + [f">{BUCKETS[-1]}"]
@@ -156,36 +154,3 @@ def dependence(model, tokenizer, texts: list[str], *, name: str = "model", max_l
     if per_layer:
         report.layers = (per_layer_sum / len(per_text)).tolist()
     return report
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="model folder or asset (plain, merged, UBMoE)")
-    parser.add_argument("--texts", help="a .txt file, one text per line (default: the 50 Lee documents)")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per text")
-    parser.add_argument("--masked", action="store_true", help="shares of the actual (masked) attention instead")
-    parser.add_argument("--per-layer", action="store_true", help="also one row per layer")
-    parser.add_argument("--json", help="also write the report to this JSON file")
-
-
-def main(args) -> int:
-    from dataclasses import asdict
-
-    from bidirlm_pl import assets
-    from bidirlm_pl.errors import BidirLMError
-    from bidirlm_pl.moe.modes import load_any
-
-    if args.texts:
-        path = Path(args.texts)
-        if not path.is_file():
-            raise BidirLMError(f"texts file '{path}' does not exist; expected a .txt file, one text per line")
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        texts = assets.lee_documents()
-    model, tokenizer = load_any(args.model)
-    model.eval()
-    report = dependence(model, tokenizer, texts, name=args.model, max_length=args.max_length,
-                        masked=args.masked, per_layer=args.per_layer)
-    print(report.table())
-    if args.json:
-        Path(args.json).write_text(json.dumps(asdict(report), indent=2) + "\n")
-    return 0

@@ -2,10 +2,10 @@
 
 The 50 Lee documents are embedded, the cosine similarity of each of the 1225 upper-triangle pairs
 (order ``np.triu_indices(50, 1)``) is compared with the averaged human ratings
-(:func:`bidirlm_pl.assets.lee_similarities`). This is the shared "STS score" validation hook: any
+(:func:`bidirlm_pl.core.assets.lee_similarities`). This is the shared "STS score" validation hook: any
 object with ``encode(texts, batch_size=...) -> (N, D)`` works (our Encoder, a SentenceTransformer).
 
->>> from bidirlm_pl.encoder import Encoder
+>>> from bidirlm_pl.models.encoder import Encoder
 >>> lee_spearman(Encoder.from_pretrained("gemma3-270m"))  # doctest: +SKIP
 0.43...
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError
 
 
 def spearman(a, b) -> float:
@@ -35,7 +35,7 @@ def pairwise_cosines(embeddings_ND) -> np.ndarray:
 
 def lee_pairs(n_docs: int = 50) -> tuple[list[str], np.ndarray]:
     """The first ``n_docs`` Lee documents and the human ratings of their upper-triangle pairs."""
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     docs = assets.lee_documents()
     if not 2 <= n_docs <= len(docs):
@@ -92,8 +92,8 @@ def embed_texts(model, tokenizer, texts: list[str], *, causal: bool = False, max
     """Mean-pooled last hidden states (N, D), fp32, of a decoder run causally or bidirectionally (right padding)."""
     import torch
 
-    from bidirlm_pl.backbone import decoder_of
-    from bidirlm_pl.pooling import mean_pool
+    from bidirlm_pl.backbone.load import decoder_of
+    from bidirlm_pl.models.pooling import mean_pool
 
     model.eval()
     decoder = decoder_of(model)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bidirlm_pl.errors import BidirLMError, first_line
+from bidirlm_pl.core.errors import BidirLMError, first_line
 
 HEADLINE = ("acc", "acc_norm", "exact_match", "f1", "mcc", "pearson", "bleu")
 
@@ -99,7 +99,7 @@ def run_lm_eval(task, model, tokenizer, *, batch_size: int, model_name: str) -> 
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from bidirlm_pl import attention
+    from bidirlm_pl.backbone import attention
 
     where = f"task '{task.name}'"
     # lm-eval calls the model without is_causal: make causal attention the model's default (the caller restores)

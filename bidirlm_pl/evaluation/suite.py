@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.yaml_files import read_yaml_mapping
 from bidirlm_pl.evaluation.task_data import FIELDS, builtin, builtin_names_for, read_jsonl
-from bidirlm_pl.yaml_files import read_yaml_mapping
 
 GENERATION_KINDS = ("perplexity", "continuation", "multiple_choice", "lm_eval")
 EMBEDDING_KINDS = ("sts", "retrieval", "classification", "clustering", "mteb")
@@ -304,7 +304,7 @@ def evaluate(spec: ModelSpec, suite: Suite, *, progress: bool = True) -> ModelRe
 
     from tqdm.auto import tqdm
 
-    from bidirlm_pl import attention as attn
+    from bidirlm_pl.backbone import attention as attn
     from bidirlm_pl.moe.convert import is_ubmoe
     from bidirlm_pl.moe.modes import load_any, mode
 

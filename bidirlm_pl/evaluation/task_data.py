@@ -29,7 +29,7 @@ import zlib
 from functools import lru_cache
 from pathlib import Path
 
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError
 
 MIN_POST_WORDS = 25  # shorter posts (a signature, "me too") carry no topic
 
@@ -86,7 +86,7 @@ def builtin_names_for(kind: str) -> list[str]:
 
 
 def _lee() -> list[dict]:
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     return [{"text": t} for t in assets.lee_documents()]
 
@@ -110,7 +110,7 @@ def _wiki_leads() -> tuple[str, ...]:
 
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    from bidirlm_pl.assets import gensim_data
+    from bidirlm_pl.core.assets import gensim_data
 
     dump = gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     records = []
@@ -139,7 +139,7 @@ def _lee_sts() -> list[dict]:
 
 
 def _polarity() -> list[dict]:
-    from bidirlm_pl.assets import gensim_data
+    from bidirlm_pl.core.assets import gensim_data
 
     records = []
     for line in gensim_data("pang_lee_polarity.cor").read_text(encoding="cp1252").splitlines():
@@ -155,7 +155,7 @@ def _newsgroup_posts() -> tuple[tuple[str, str, str], ...]:
     """(group, subject, body) of gensim's 200 mini-newsgroup posts; quoted lines and headers dropped."""
     import pickletools
 
-    from bidirlm_pl.assets import gensim_data
+    from bidirlm_pl.core.assets import gensim_data
 
     raw = zlib.decompress(gensim_data("mini_newsgroup").read_bytes())
     texts = [arg for op, arg, _ in pickletools.genops(raw) if op.name == "UNICODE"]
@@ -187,7 +187,7 @@ def _capitals() -> list[dict]:
     """Cloze by log-likelihood: "<capital> is the capital of" -> the country among four (gensim's analogy file)."""
     import random
 
-    from bidirlm_pl.assets import gensim_data
+    from bidirlm_pl.core.assets import gensim_data
 
     pairs, section = {}, None
     for line in gensim_data("questions-words.txt").read_text(encoding="utf-8").splitlines():

@@ -12,12 +12,12 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from bidirlm_pl import attention
-from bidirlm_pl.backbone import check_backend, decoder_of, load_backbone, resolve_dtype
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.export import save_hf_folder
-from bidirlm_pl.specs import BackboneSpec, Schedule
-from bidirlm_pl.trainable import apply_trainable
+from bidirlm_pl.backbone import attention
+from bidirlm_pl.backbone.load import check_backend, decoder_of, load_backbone, resolve_dtype
+from bidirlm_pl.backbone.trainable import apply_trainable
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.export import save_hf_folder
+from bidirlm_pl.core.specs import BackboneSpec, Schedule
 
 
 def default_optimizer(params):
@@ -28,7 +28,7 @@ def default_optimizer(params):
 def _check_model_reference(model: str) -> None:
     """Fail at config time, before any training, on a model that is not a folder, an asset or a hub id
     (a hub id is fetched into the Hugging Face cache here, or found there when offline)."""
-    from bidirlm_pl.hub import resolve_model_folder
+    from bidirlm_pl.core.hub import resolve_model_folder
 
     resolve_model_folder(model)
 
@@ -45,7 +45,7 @@ class BackboneStage(L.LightningModule):
     """Shared system for adaptation stages.
 
     Args:
-        backbone: the model and how to load it (:class:`~bidirlm_pl.backbone.BackboneSpec`; the
+        backbone: the model and how to load it (:class:`~bidirlm_pl.backbone.load.BackboneSpec`; the
             ``backbone:`` block of the YAML). A bare string is taken as ``backbone.model``.
         optimizer: a callable from the config, e.g. ``class_path: torch.optim.AdamW``.
         schedule: learning-rate schedule.
@@ -192,7 +192,7 @@ class BackboneStage(L.LightningModule):
         Ranks see different numbers of masked/target tokens; without this, W processes x B rows would
         weight tokens differently from 1 process x W*B rows.
         """
-        from bidirlm_pl.distributed import is_distributed
+        from bidirlm_pl.core.distributed import is_distributed
 
         if not (self.training and torch.is_grad_enabled() and is_distributed()):
             return value
@@ -273,7 +273,7 @@ class BackboneStage(L.LightningModule):
         """Unsharded backbone weights (LoRA merged). Collective under FSDP2: call it on every rank."""
         if self.device_mesh is None:
             return None  # save_hf_folder reads the model directly
-        from bidirlm_pl.distributed import full_state_dict
+        from bidirlm_pl.core.distributed import full_state_dict
 
         state = full_state_dict(self.backbone)
         # a tied output layer is one parameter: keep its first name only, as save_pretrained does
@@ -295,8 +295,8 @@ class BackboneStage(L.LightningModule):
     card_loader = "transformers"  # how the card says to load the export (UBMoE: "ubmoe")
 
     def _export_files(self, folder: Path) -> None:
-        from bidirlm_pl.hub import resolve_model_folder
-        from bidirlm_pl.model_card import write_model_card
+        from bidirlm_pl.core.hub import resolve_model_folder
+        from bidirlm_pl.core.model_card import write_model_card
 
         self.export_extra(folder)
         trainer = self._trainer

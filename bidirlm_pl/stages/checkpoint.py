@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from bidirlm_pl.checkpoint_io import load_checkpoint
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.specs import BackboneSpec, Schedule
+from bidirlm_pl.core.checkpoint_io import load_checkpoint
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.specs import BackboneSpec, Schedule
 from bidirlm_pl.stages.base import BackboneStage
 
 

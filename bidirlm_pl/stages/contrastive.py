@@ -3,8 +3,8 @@
 Batches come from :class:`bidirlm_pl.data.pairs.PairsDataModule`. The backbone loads without its
 output layer (``head: base``); token states are pooled (mean, last token, position-weighted mean
 or NV-Embed latent attention; instruction tokens excluded), and the loss is
-:class:`bidirlm_pl.losses.InfoNCE` (optionally through :class:`~bidirlm_pl.losses.GradCache`).
-The export is an HF folder that is also a Sentence-Transformers folder (see ``bidirlm_pl.encoder``).
+:class:`bidirlm_pl.losses.contrastive.InfoNCE` (optionally through :class:`~bidirlm_pl.losses.contrastive.GradCache`).
+The export is an HF folder that is also a Sentence-Transformers folder (see ``bidirlm_pl.models.encoder``).
 
     bidirlm fit --config configs/contrastive/tiny.yaml
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from bidirlm_pl import attention
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.losses import GradCache, InfoNCE
-from bidirlm_pl.pooling import Pooling
-from bidirlm_pl.specs import BackboneSpec, Schedule
+from bidirlm_pl.backbone import attention
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.specs import BackboneSpec, Schedule
+from bidirlm_pl.losses.contrastive import GradCache, InfoNCE
+from bidirlm_pl.models.pooling import Pooling
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 
 
@@ -123,8 +123,8 @@ class ContrastiveStage(BackboneStage):
     def training_step(self, batch, batch_idx):
         if self.gradcache is None or self.world_size == 1:
             return super().training_step(batch, batch_idx)
-        # chunk replays reduce gradients once, on the last chunk (bidirlm_pl.grad_sync)
-        from bidirlm_pl.grad_sync import ReplaySync
+        # chunk replays reduce gradients once, on the last chunk (bidirlm_pl.losses.grad_sync)
+        from bidirlm_pl.losses.grad_sync import ReplaySync
 
         self.gradcache.sync = ReplaySync([self.backbone, self.pooler], self.trainer.strategy.model)
         self.gradcache.sync.begin()
@@ -173,7 +173,7 @@ class ContrastiveStage(BackboneStage):
         self._latent_state = None
         if self.pooler is not None and self.pooler.latent is not None and self.device_mesh is not None:
             # FSDP2 shards the latent pooler too: gather its full weights on every rank (collective)
-            from bidirlm_pl.distributed import full_state_dict
+            from bidirlm_pl.core.distributed import full_state_dict
 
             full = full_state_dict(self.pooler)
             self._latent_state = {k[len("latent."):]: v for k, v in full.items() if k.startswith("latent.")}
@@ -181,7 +181,7 @@ class ContrastiveStage(BackboneStage):
 
     def export_extra(self, folder: Path) -> None:
         """Sentence-Transformers modules (Transformer, Pooling, Normalize) and our encoder config."""
-        from bidirlm_pl.encoder import write_encoder_files
+        from bidirlm_pl.models.encoder import write_encoder_files
 
         hidden = self.backbone.config.get_text_config().hidden_size
         write_encoder_files(

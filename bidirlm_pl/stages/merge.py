@@ -22,16 +22,16 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.merging.engine import MergeSpec, merge, plan
-from bidirlm_pl.pooling import Pooling
-from bidirlm_pl.specs import BackboneSpec, Schedule
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.specs import BackboneSpec, Schedule
+from bidirlm_pl.models.merging.engine import MergeSpec, merge, plan
+from bidirlm_pl.models.pooling import Pooling
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 
 
 def merge_cache_folder(spec: MergeSpec, cache: str | None) -> Path:
     """A folder named by a hash of what determines the merged weights."""
-    from bidirlm_pl import assets
+    from bidirlm_pl.core import assets
 
     identity = {k: v for k, v in vars(spec).items() if k not in ("output", "overwrite", "block_elements")}
     identity["models"] = [str(Path(m).expanduser().resolve()) if Path(m).expanduser().exists() else m

@@ -1,7 +1,7 @@
 """MNTPStage: masked next-token prediction with bidirectional attention (the BidirLM / LLM2Vec adaptation).
 
 Feed it packed, masked batches from :class:`bidirlm_pl.data.TextDataModule`; the loss is
-:func:`bidirlm_pl.token_losses.mntp_loss` (only masked positions reach the output layer). Validation
+:func:`bidirlm_pl.losses.token.mntp_loss` (only masked positions reach the output layer). Validation
 and test log ``val/loss`` and ``val/accuracy`` averaged over masked tokens (not over batches).
 
 Run it::
@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from bidirlm_pl.errors import BidirLMError
-from bidirlm_pl.specs import BackboneSpec, Schedule
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.specs import BackboneSpec, Schedule
+from bidirlm_pl.losses.token import final_logit_softcap, mntp_loss
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
-from bidirlm_pl.token_losses import final_logit_softcap, mntp_loss
 
 
 class MNTPStage(BackboneStage):
@@ -43,7 +43,7 @@ class MNTPStage(BackboneStage):
         self.loss_chunk_size = loss_chunk_size
 
     def mntp(self, batch: dict):
-        """The :class:`~bidirlm_pl.token_losses.MNTPOutput` of a masked batch."""
+        """The :class:`~bidirlm_pl.losses.token.MNTPOutput` of a masked batch."""
         if "labels" not in batch:
             raise BidirLMError("MNTP batches need 'labels' (use bidirlm_pl.data.TextDataModule with a mask spec)")
         hidden_BTD = self.hidden_states(batch)

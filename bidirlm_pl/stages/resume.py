@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bidirlm_pl.distributed import is_distributed
-from bidirlm_pl.errors import BidirLMError
+from bidirlm_pl.core.distributed import is_distributed
+from bidirlm_pl.core.errors import BidirLMError
 
 RNG_KEY = "bidirlm_rng_states"
 
@@ -83,7 +83,7 @@ def check_same_model(saved: dict, current: dict[str, torch.Tensor], *, saved_mod
 
 def _saved_hparams(ckpt_path: Path) -> dict:
     """Hyperparameters of a Lightning checkpoint file or sharded checkpoint folder ({} if unreadable)."""
-    from bidirlm_pl.checkpoint_io import LIGHTNING_META, safe_torch_load
+    from bidirlm_pl.core.checkpoint_io import LIGHTNING_META, safe_torch_load
 
     source = ckpt_path / LIGHTNING_META if ckpt_path.is_dir() else ckpt_path
     if not source.is_file():

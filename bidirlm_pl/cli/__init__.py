@@ -1,0 +1,1 @@
+"""The CLI layer: `bidirlm` and every subcommand's entry point."""

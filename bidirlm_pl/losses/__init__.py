@@ -1,0 +1,1 @@
+"""Losses: contrastive (InfoNCE, GradCache) and token losses over the vocabulary."""

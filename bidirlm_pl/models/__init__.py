@@ -1,0 +1,1 @@
+"""Models: plain functions and modules of HF models (encoder, pooling, omni, merging)."""
