@@ -26,8 +26,9 @@ import time
 import torch
 
 from bidirlm_pl import load_backbone, moe
-from bidirlm_pl.evaluation.embedding import MeanPoolEncoder, lee_spearman
+from bidirlm_pl.evaluation.embedding import lee_spearman
 from bidirlm_pl.evaluation.generation import causal_perplexity
+from bidirlm_pl.models.encoder import Encoder
 from bidirlm_pl.moe.data import split_documents
 
 
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
         if (key, routing_embed) not in spearman_cache:  # same weights and routing: same embeddings
             if moe.is_ubmoe(model):
                 moe.set_routing(model, routing_embed)
-            spearman_cache[key, routing_embed] = lee_spearman(MeanPoolEncoder(model, tok, args.embed_length))
+            spearman_cache[key, routing_embed] = lee_spearman(
+                Encoder(model, tok, normalize=False, max_length=args.embed_length, bidirectional=True))
         rows[name] = {"perplexity": ppl, "spearman": spearman_cache[key, routing_embed],
                       "generate_routing": routing_generate, "embed_routing": routing_embed}
         print(f"  measured {name} in {time.time() - t0:.0f}s", flush=True)

@@ -1,7 +1,10 @@
 """EmbeddingEval: log the Lee similarity Spearman (the shared "STS score") of the model being trained.
 
-Works with any stage that has ``backbone`` and ``tokenizer`` (and ``pooler``/``normalize`` for the
-contrastive stage; mean pooling otherwise). Logged as ``val/lee_spearman`` at every validation end,
+Works with any stage that has ``backbone`` and ``tokenizer``. The model embeds through
+:class:`~bidirlm_pl.models.encoder.Encoder`, the one embedding path of evaluation (``compare`` and MTEB
+use it too), with the pooling and normalisation the stage exports (the contrastive stage's ``pooler`` and
+``normalize``; mean pooling for other stages) and no prompt: an STS pair holds no query, as in
+``compare``'s ``sts`` task. Logged as ``val/lee_spearman`` at every validation end,
 and once before training (``before_fit``) so one run shows the score before and after.
 
     callbacks:
@@ -13,6 +16,9 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+
+from bidirlm_pl.evaluation.embedding import lee_spearman
+from bidirlm_pl.models.encoder import Encoder
 
 
 class EmbeddingEval(L.Callback):
@@ -30,9 +36,6 @@ class EmbeddingEval(L.Callback):
         self.history: list[tuple[int, float]] = []
 
     def score(self, pl_module) -> float:
-        from bidirlm_pl.evaluation.embedding import lee_spearman
-        from bidirlm_pl.models.encoder import Encoder
-
         pooler = getattr(pl_module, "pooler", None) or "mean"
         encoder = Encoder(pl_module.backbone, pl_module.tokenizer, pooler,
                           normalize=getattr(pl_module, "normalize", True), max_length=self.max_length)

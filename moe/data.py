@@ -2,7 +2,8 @@
 
 Both read documents through ``bidirlm_pl.data.sources`` (Lee corpus, text/JSONL/parquet files,
 saved or cached ``datasets``) and hold out the last ``holdout`` documents of the source for
-validation, so a later evaluation can use exactly the same held-out text (:func:`split_documents`).
+validation (``bidirlm_pl.data.splits`` without a generator), so a later evaluation can use exactly
+the same held-out text (:func:`split_documents`).
 
 Stage 1 batches: ``{"query": {input_ids, attention_mask}, "positive": {...}}`` (right padding).
 Unsupervised SimCSE uses each document as its own positive: the two forward passes differ by
@@ -28,31 +29,33 @@ from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.packing import collate_rows, pack_documents, tokenize_documents
 from bidirlm_pl.data.pairs import PairCollator, PairsDataModule, PairSource
 from bidirlm_pl.data.sources import SourceSpec, load_texts
+from bidirlm_pl.data.splits import held_out_split
+from bidirlm_pl.data.tokenizer import load_tokenizer
+from bidirlm_pl.data.validation import rank_loader
 
 
 def _lee() -> SourceSpec:
     return SourceSpec(name="lee", kind="lee")
 
 
+def _spec(source: SourceSpec | dict | None) -> SourceSpec:
+    return SourceSpec(**source) if isinstance(source, dict) else source or _lee()
+
+
 def split_documents(source: SourceSpec | dict | None, holdout: int) -> tuple[list[str], list[str]]:
     """All documents of ``source`` split into (train, held-out = the last ``holdout`` documents)."""
-    docs = list(load_texts(source or _lee()))
+    docs = list(load_texts(_spec(source)))
     if holdout < 0 or holdout >= len(docs):
         raise BidirLMError(f"holdout {holdout} must be >= 0 and below the source's {len(docs)} documents")
-    return (docs[: len(docs) - holdout], docs[len(docs) - holdout:]) if holdout else (docs, [])
+    train, held = held_out_split(len(docs), holdout)
+    return [docs[i] for i in train], [docs[i] for i in held]
 
 
-def load_tokenizer(tokenizer: str | None):
-    from transformers import AutoTokenizer
-
-    from bidirlm_pl.backbone.load import resolve_model_path
-
-    if tokenizer is None:
-        raise BidirLMError("the data module needs 'tokenizer' (a model folder or asset; the CLI links it to the model)")
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+def _simcse_source(spec: SourceSpec) -> PairSource:
+    """The stage-1 SimCSE source reading ``spec``'s documents (named ``simcse``, as the batch stream knows it)."""
+    return PairSource(name="simcse", mode="simcse", kind=spec.kind, path=spec.path, dataset=spec.dataset,
+                      config=spec.config, split=spec.split, data_files=spec.data_files, text_field=spec.text_field,
+                      text_unit=spec.text_unit)
 
 
 class UBMoEPairsData(PairsDataModule):
@@ -84,18 +87,20 @@ class UBMoEPairsData(PairsDataModule):
     ):
         if batch_size < 2:
             raise BidirLMError(f"batch_size {batch_size} must be >= 2: InfoNCE needs in-batch negatives")
-        super().__init__(tokenizer=tokenizer, sources=[PairSource(name="simcse", mode="simcse", kind="lee")],
+        self._documents = _spec(source)  # read whole by split_documents; `sources` names it for logs and cards
+        super().__init__(tokenizer=tokenizer, sources=[_simcse_source(self._documents)],
                          batch_size=batch_size, max_length=max_length, num_workers=num_workers, seed=seed,
                          global_batch_size=global_batch_size, resume_stream=resume_stream)
-        self.source, self.holdout = source, holdout
+        self.holdout = holdout
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_rows is not None:
             return
-        self.collator = PairCollator(self._tokenizer(), self.max_length)
-        train_docs, val_docs = split_documents(self.source, self.holdout)
+        self.collator = PairCollator(load_tokenizer(self.tokenizer_name, owner=type(self).__name__), self.max_length)
+        train_docs, val_docs = split_documents(self._documents, self.holdout)
         pairs = lambda docs: [{"anchor": d, "positive": d, "negatives": []} for d in docs]
         self.train_rows, self.val_rows = [pairs(train_docs)], [pairs(val_docs)] if len(val_docs) >= 2 else []
+        self.val_row_sources = self.sources[:len(self.val_rows)]
         if len(train_docs) < self.batch_size:
             raise BidirLMError(f"{len(train_docs)} training pairs are fewer than batch_size {self.batch_size}")
 
@@ -121,7 +126,7 @@ class UBMoETextData(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.tokenizer_name, self.source, self.holdout = tokenizer, source, holdout
+        self.tokenizer_name, self.sources, self.holdout = tokenizer, [_spec(source)], holdout
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
         self.tokenizer = None
 
@@ -131,8 +136,8 @@ class UBMoETextData(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
-        self.tokenizer = load_tokenizer(self.tokenizer_name)
-        train_docs, val_docs = split_documents(self.source, self.holdout)
+        self.tokenizer = load_tokenizer(self.tokenizer_name, owner=type(self).__name__)
+        train_docs, val_docs = split_documents(self.sources[0], self.holdout)
         self.train_rows = self._rows(train_docs)
         random.Random(self.seed).shuffle(self.train_rows)
         self.val_rows = self._rows(val_docs)
@@ -148,7 +153,5 @@ class UBMoETextData(L.LightningDataModule):
                           collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
-        from bidirlm_pl.data.validation import rank_loader
-
         rows, size = self.val_rows or [], self.batch_size  # the one-process batches, shared out over the ranks
         return rank_loader([rows[i:i + size] for i in range(0, len(rows), size)], self, collate=self.collate)

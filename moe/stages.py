@@ -1,10 +1,12 @@
 """UBMoE training stages (LightningModules for ``bidirlm fit``).
 
 * :class:`UBMoEStage1` — only expert 1 (the FFN copies) trains, bidirectional attention, InfoNCE
-  (temperature 0.05) on mean-pooled states: unsupervised SimCSE (each text twice, attention dropout
-  as noise; :class:`bidirlm_pl.moe.UBMoEPairsData`) or supervised pairs with optional hard negatives
-  (the contrastive stage's :class:`bidirlm_pl.data.pairs.PairsDataModule`: same batch format). Expert 1 is used for every token (routing ``forced1``), so the
-  stage-1 model is exactly the original model with its FFNs fine-tuned.
+  (temperature 0.05) on mean-pooled states through the contrastive stages' shared core
+  (:class:`bidirlm_pl.stages.contrastive.ContrastiveCore`): unsupervised SimCSE (each text twice,
+  attention dropout as noise; :class:`bidirlm_pl.moe.UBMoEPairsData`) or supervised pairs with optional
+  hard negatives (the contrastive stage's :class:`bidirlm_pl.data.pairs.PairsDataModule`: same batch
+  format). Expert 1 is used for every token (routing ``forced1``), so the stage-1 model is exactly the
+  original model with its FFNs fine-tuned.
 * :class:`UBMoEStage2` — only the routers train, causal attention, next-token loss on text, with
   ``soft`` or ``top1`` routing (both pass a gradient to the router), plus an optional
   load-balancing loss.
@@ -22,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 
-from bidirlm_pl.backbone import attention
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.specs import BackboneSpec, Schedule
 from bidirlm_pl.data.packing import token_mask
 from bidirlm_pl.losses.token import causal_lm_loss, final_logit_softcap
+from bidirlm_pl.models.pooling import Pooling
 from bidirlm_pl.moe.convert import (
     UBMoESpec,
     convert_to_ubmoe,
@@ -37,6 +39,7 @@ from bidirlm_pl.moe.convert import (
 )
 from bidirlm_pl.moe.ffn import check_routing, load_balancing_loss
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
+from bidirlm_pl.stages.contrastive import ContrastiveCore, ContrastiveOutput
 
 # trainable groups of a UBMoE model; expert 0 (the original FFN) never trains
 MOE_GROUP_PATTERNS = {
@@ -119,7 +122,7 @@ class _UBMoEStage(BackboneStage):
         return apply_moe_trainable(self.backbone, self.trainable)
 
 
-class UBMoEStage1(_UBMoEStage):
+class UBMoEStage1(ContrastiveCore, _UBMoEStage):
     """UBMoE stage 1: contrastive fine-tuning of the FFN copies (expert 1) with bidirectional attention.
 
     Args:
@@ -127,11 +130,16 @@ class UBMoEStage1(_UBMoEStage):
             stage output (MNTP, merged...) or a UBMoE folder; ``trainable`` defaults to ``[expert1]``.
         ubmoe: how to convert a plain model (router init, per-mode routing; see ``UBMoESpec``).
         temperature: InfoNCE temperature (0.05 as the UBMoE code).
-        gather_across_devices: under DDP/FSDP, every rank's embeddings join the InfoNCE candidates
-            (N processes x B pairs then train as 1 process x N*B pairs).
         attention_dropout: dropout on attention probabilities while training (the SimCSE noise).
         routing: routing while training (``forced1``: every token through expert 1).
+        gather_across_devices: under DDP/FSDP, every rank's embeddings join the InfoNCE candidates
+            (N processes x B pairs then train as 1 process x N*B pairs).
+        symmetric, false_negative_margin, gradcache_chunk_size: as the contrastive stage's
+            (:class:`bidirlm_pl.stages.contrastive.ContrastiveCore`).
         Other arguments as :class:`BackboneStage`.
+
+    Embeddings are mean-pooled (instruction tokens excluded); each step also logs ``accuracy``, the share
+    of queries whose own positive scores highest among this rank's positives.
     """
 
     default_groups = ("expert1",)
@@ -147,42 +155,21 @@ class UBMoEStage1(_UBMoEStage):
         gather_across_devices: bool = True,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
+        symmetric: bool = False,
+        false_negative_margin: float | None = None,
+        gradcache_chunk_size: int | None = None,
     ):
-        from bidirlm_pl.losses.contrastive import InfoNCE
-
         super().__init__(backbone, ubmoe=ubmoe, routing=routing, optimizer=optimizer, schedule=schedule)
-        if not 0.0 <= attention_dropout < 1.0:
-            raise BidirLMError(f"attention_dropout {attention_dropout} is not in [0, 1)")
-        self.attention_dropout = attention_dropout
-        self.loss_fn = InfoNCE(temperature=temperature, gather_across_devices=gather_across_devices)
+        self.init_contrastive(temperature=temperature, symmetric=symmetric, false_negative_margin=false_negative_margin,
+                              gather_across_devices=gather_across_devices, gradcache_chunk_size=gradcache_chunk_size,
+                              attention_dropout=attention_dropout)
+        self.pooler = Pooling("mean")
 
-    def build_model(self):
-        model, tokenizer = super().build_model()
-        attention.set_attention_dropout(model, self.attention_dropout)
-        return model, tokenizer
-
-    def embed(self, encoded: dict) -> torch.Tensor:
-        """Mean-pooled bidirectional states (B, D) of a padded group (``pool_mask`` excludes instructions)."""
-        from bidirlm_pl.models.pooling import mean_pool
-
-        hidden_BTD = self.hidden_states(encoded, bidirectional=True)
-        return mean_pool(hidden_BTD, encoded.get("pool_mask", encoded["attention_mask"]))
-
-    def step(self, batch: dict) -> dict[str, torch.Tensor]:
-        query_BD = self.embed(batch["query"])
-        positive_BD = self.embed(batch["positive"])
-        n = int(batch.get("n_negatives", 0))
-        negatives_BND = None
-        if n and batch.get("negatives") is not None:
-            negatives_BND = self.embed(batch["negatives"]).view(query_BD.shape[0], n, -1)
-        loss = self.loss_fn.compute_loss(query_BD, positive_BD, negatives_BND)
+    def step_metrics(self, batch: dict, result: ContrastiveOutput) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            sim_BB = F.normalize(query_BD, dim=-1) @ F.normalize(positive_BD, dim=-1).T
+            sim_BB = F.normalize(result.query_BD, dim=-1) @ F.normalize(result.positive_BD, dim=-1).T
             accuracy = (sim_BB.argmax(-1) == torch.arange(len(sim_BB), device=sim_BB.device)).float().mean()
-        return {"loss": loss, "accuracy": accuracy}
-
-    def batch_size_of(self, batch: dict) -> int:
-        return int(batch["query"]["input_ids"].shape[0])
+        return {"accuracy": accuracy}
 
 
 class UBMoEStage2(_UBMoEStage):

@@ -72,6 +72,26 @@ def test_export_cli_round_trip(fitted, tmp_path, capsys):
     theirs = SentenceTransformer(str(out), device="cpu").encode(texts)
     assert np.abs(ours - at_fit_end).max() <= 1e-5
     assert np.abs(ours - theirs).max() <= 1e-5
+    # the query prompt is the training source's instruction (read from the checkpoint's data options)
+    prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts["query"] == "Represent the news article: "
+
+
+def test_query_instruction_follows_the_data_and_export_max_length_reads_its_former_name(tiny_qwen3):
+    """The export's query prompt is stated once: the stage's own, else the training sources' one instruction."""
+    stage = ContrastiveStage(str(tiny_qwen3))
+    assert stage.export_query_instruction() is None and stage.export_max_length == 512
+    stage.card_sources = [{"name": "simcse", "query_instruction": None}, {"name": "q", "query_instruction": "Q: "}]
+    assert stage.export_query_instruction() == "Q: "
+    stage.card_sources.append({"name": "other", "query_instruction": "Other: "})
+    with pytest.raises(BidirLMError, match=r"2 different query instructions \['Q: ', 'Other: '\]; set model"):
+        stage.export_query_instruction()
+    stage.query_instruction = "Mine: "  # the stage's own wins
+    assert stage.export_query_instruction() == "Mine: "
+    assert ContrastiveStage(str(tiny_qwen3), max_length=96).export_max_length == 96  # older configs, checkpoints
+    assert ContrastiveStage(str(tiny_qwen3), export_max_length=128).export_max_length == 128
+    with pytest.raises(BidirLMError, match="max_length 96 is the former name of export_max_length 128"):
+        ContrastiveStage(str(tiny_qwen3), max_length=96, export_max_length=128)
 
 
 def test_export_cli_errors(tmp_path, capsys):

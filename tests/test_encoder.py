@@ -8,7 +8,8 @@ import torch
 
 from bidirlm_pl.core import assets
 from bidirlm_pl.core.errors import BidirLMError
-from bidirlm_pl.models.encoder import Encoder, mteb_model
+from bidirlm_pl.evaluation.harness import mteb_model
+from bidirlm_pl.models.encoder import Encoder, read_encoder_config
 from bidirlm_pl.stages.contrastive import ContrastiveStage
 
 INSTRUCTION = "Represent the news article: "
@@ -22,7 +23,7 @@ def _texts():
 @pytest.fixture(scope="module", params=["mean", "last", "weighted_mean"])
 def exported(request, tmp_path_factory):
     torch.manual_seed(0)
-    stage = ContrastiveStage("tiny-qwen3", pooling=request.param, max_length=96, query_instruction=INSTRUCTION)
+    stage = ContrastiveStage("tiny-qwen3", pooling=request.param, export_max_length=96, query_instruction=INSTRUCTION)
     stage.configure_model()
     folder = tmp_path_factory.mktemp(f"enc-{request.param}") / "model"
     stage.export_hf(folder)
@@ -32,7 +33,7 @@ def exported(request, tmp_path_factory):
 def test_sentence_transformers_loads_the_export_and_matches_our_encoder(exported):
     from sentence_transformers import SentenceTransformer
 
-    mode, folder = exported
+    _, folder = exported
     assert json.loads((folder / "config.json").read_text())["is_causal"] is False
     st = SentenceTransformer(str(folder), device="cpu", trust_remote_code=False)
     enc = Encoder.from_pretrained(folder)
@@ -43,11 +44,11 @@ def test_sentence_transformers_loads_the_export_and_matches_our_encoder(exported
     assert np.abs(ours - theirs).max() <= 1e-5
     assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
     # the query prompt is excluded from pooling the same way
-    if mode != "last":
-        ours_q = enc.encode_queries(texts, batch_size=4)
-        theirs_q = st.encode(texts, batch_size=4, prompt_name="query")
-        assert np.abs(ours_q - theirs_q).max() <= 1e-5
-        assert np.abs(ours_q - ours).max() > 1e-3
+    ours_q = enc.encode_queries(texts, batch_size=4)
+    theirs_q = st.encode_query(texts, batch_size=4)
+    assert np.abs(ours_q - theirs_q).max() <= 1e-5
+    assert np.abs(ours_q - ours).max() > 1e-3
+    assert np.abs(enc.encode_documents(texts, batch_size=4) - st.encode_document(texts, batch_size=4)).max() <= 1e-5
 
 
 def test_plain_automodel_gives_the_same_embeddings(exported):
@@ -110,3 +111,36 @@ def test_mteb_evaluate_runs_on_a_local_lee_task_and_agrees_with_lee_spearman(exp
     ours = lee_spearman(enc, n_docs=12)
     assert -1 <= ours <= 1
     assert abs(score - ours) < 1e-6
+
+
+def test_a_sentence_transformers_folder_from_elsewhere_embeds_as_sentence_transformers(exported, tmp_path):
+    """No bidirlm_encoder.json: pooling, include_prompt, normalisation, prompts and length come from the ST files."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    mode, folder = exported
+    if mode != "mean":
+        pytest.skip("one pooling mode is enough")
+    foreign = tmp_path / "foreign"
+    shutil.copytree(folder, foreign)
+    (foreign / "bidirlm_encoder.json").unlink()
+    pool = json.loads((foreign / "1_Pooling" / "config.json").read_text())
+    (foreign / "1_Pooling" / "config.json").write_text(json.dumps({**pool, "include_prompt": True}))
+    (foreign / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": None}))
+    (foreign / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 24}))
+    config = read_encoder_config(foreign)
+    assert (config["pooling"], config["normalize"], config["include_prompt"], config["max_length"]) == \
+        ("mean", True, True, 24)
+    enc, st = Encoder.from_pretrained(foreign), SentenceTransformer(str(foreign), device="cpu")
+    texts = _texts()
+    assert np.abs(enc.encode_queries(texts) - st.encode_query(texts)).max() <= 1e-5
+    assert np.abs(enc.encode_documents(texts) - st.encode_document(texts)).max() <= 1e-5  # "document": "" by default
+    passages = enc.encode(texts, prompt_name="passage")
+    assert np.abs(passages - st.encode(texts, prompt_name="passage")).max() <= 1e-5
+    assert np.abs(passages - enc.encode(texts)).max() > 1e-3
+    assert np.abs(enc.encode(texts) - st.encode(texts)).max() <= 1e-5
+    (foreign / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "cls"}))
+    with pytest.raises(BidirLMError, match=r"pooling \['cls'\] is not one of"):
+        read_encoder_config(foreign)

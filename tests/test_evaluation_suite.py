@@ -10,10 +10,16 @@ import torch
 import yaml
 
 from bidirlm_pl import BidirLMError
+from bidirlm_pl.core import assets
 from bidirlm_pl.evaluation import metrics, task_data
-from bidirlm_pl.evaluation.suite import TaskSpec, default_tasks, load_suite
+from bidirlm_pl.evaluation.compare import compare
+from bidirlm_pl.evaluation.embedding import spearman
+from bidirlm_pl.evaluation.suite import TaskSpec, default_tasks, load_suite, model_embedder
+from bidirlm_pl.moe.modes import load_any
+from bidirlm_pl.stages.contrastive import ContrastiveStage
 
 REPO = Path(__file__).resolve().parents[1]
+INSTRUCTION = "Represent the news article: "
 
 
 def test_retrieval_recall_and_ndcg_equal_hand_computed_values():
@@ -147,8 +153,6 @@ def test_default_suite_is_the_shipped_default_config():
 
 
 def test_compare_writes_table_json_and_plot(tiny_qwen3, tmp_path):
-    from bidirlm_pl.evaluation.compare import compare
-
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": f"q{i}", "document": f"document number {i}"}) + "\n"
                              for i in range(6)))
@@ -184,3 +188,61 @@ def test_wiki_is_out_of_domain_english_with_markup_stripped():
     text = " ".join(r["text"] for r in records)
     assert not any(mark in text for mark in ("[[", "]]", "{{", "''", "<ref"))
     assert all(500 <= len(r["text"]) <= 1000 for r in records)
+
+
+@pytest.fixture(scope="module", params=[("last", None), ("mean", INSTRUCTION)], ids=["last-token", "instructed"])
+def contrastive_export(request, tmp_path_factory):
+    """A tiny contrastive encoder as the stage exports it: last-token pooling, or mean pooling with a query prompt."""
+    pooling, instruction = request.param
+    torch.manual_seed(0)
+    stage = ContrastiveStage("tiny-qwen3", pooling=pooling, export_max_length=96, query_instruction=instruction)
+    stage.configure_model()
+    folder = tmp_path_factory.mktemp(f"export-{pooling}") / "hf"
+    stage.export_hf(folder)
+    return folder
+
+
+def _queries_and_documents():
+    docs = assets.lee_documents()
+    queries = ["what burned near Sydney?", "rates rose again", docs[5][:60], "letters"]
+    documents = [docs[0], "short", docs[2][:300], "x y z"]  # docs[0] is longer than the export's 96 tokens
+    return queries, documents
+
+
+def test_compare_embeds_an_export_as_sentence_transformers_does(contrastive_export):
+    """compare's embeddings of an export == SentenceTransformer(folder)'s: its pooling, normalisation and token
+    limit; the query prompt on queries only (documents and symmetric tasks get none)."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(contrastive_export), device="cpu")
+    model, tok = load_any(str(contrastive_export))  # as compare loads it: a causal LM over the exported decoder
+    embed = model_embedder(str(contrastive_export), model, tok, bidirectional=True, batch_size=3)
+    queries, documents = _queries_and_documents()
+    assert np.abs(embed(queries, 256, prompt_name="query") - st.encode_query(queries)).max() <= 1e-5
+    assert np.abs(embed(documents, 256, prompt_name="document") - st.encode_document(documents)).max() <= 1e-5
+    assert np.abs(embed(documents, 256) - st.encode(documents)).max() <= 1e-5
+    assert np.abs(embed(documents, 32) - st.encode(documents)).max() > 1e-3  # a shorter task limit still cuts
+
+
+def test_compare_scores_an_export_from_the_sentence_transformers_embeddings(contrastive_export, tmp_path):
+    """compare's retrieval and STS scores of an export are those of SentenceTransformer(folder)'s embeddings."""
+    from sentence_transformers import SentenceTransformer
+
+    queries, documents = _queries_and_documents()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": q, "document": d}) + "\n" for q, d in zip(queries, documents)))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"max_length": 256, "tasks": [
+        {"name": "mine", "kind": "retrieval", "path": str(pairs)},
+        {"name": "lee-sts", "kind": "sts", "limit": 45},
+    ]}))
+    [result] = compare([str(contrastive_export)], config=str(suite), progress=False)
+    st = SentenceTransformer(str(contrastive_export), device="cpu")
+    relevant = np.eye(len(queries), len(documents), dtype=bool)
+    expected = metrics.retrieval_scores(metrics.cosine_matrix(st.encode_query(queries), st.encode_document(documents)),
+                                        relevant)
+    assert {k: result.results["mine"][k] for k in expected} == pytest.approx(expected, abs=1e-6)
+    records = task_data.builtin("lee-sts")[:45]
+    a, b = (st.encode([r[k] for r in records]) for k in ("text1", "text2"))
+    cos = np.sum(metrics.unit_rows(a) * metrics.unit_rows(b), axis=1)
+    assert result.results["lee-sts"]["spearman"] == pytest.approx(spearman(cos, [r["score"] for r in records]), abs=1e-6)

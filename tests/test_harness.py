@@ -9,7 +9,12 @@ import torch
 
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.evaluation.compare import compare
-from bidirlm_pl.evaluation.suite import load_suite
+from bidirlm_pl.evaluation.embedding import lee_sts_task
+from bidirlm_pl.evaluation.harness import compare_mteb_model, mteb_model
+from bidirlm_pl.evaluation.suite import load_suite, model_embedder
+from bidirlm_pl.models.encoder import Encoder
+from bidirlm_pl.moe.modes import load_any
+from bidirlm_pl.stages.contrastive import ContrastiveStage
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS_TINY = str(ROOT / "configs" / "compare" / "harness-tiny.yaml")
@@ -94,3 +99,37 @@ def test_unknown_harness_tasks_are_one_line_naming_the_task(tmp_path):
     path.write_text(yaml.safe_dump({"tasks": [{"name": "m", "kind": "mteb", "tasks": ["local:nothing"]}]}))
     with pytest.raises(BidirLMError, match="task 'm': local MTEB task 'local:nothing' is not one of"):
         compare(["tiny-qwen3"], config=str(path), progress=False)
+
+
+@pytest.mark.parametrize("path", ["encoder", "compare"])
+def test_mteb_gives_an_instructed_export_the_prompts_sentence_transformers_gets(path, tmp_path):
+    """Through MTEB, an export embeds as in mteb's own SentenceTransformer wrapper of the same folder (the query
+    prompt on queries, none on documents nor on the texts of a symmetric task), as an Encoder and in compare."""
+    import numpy as np
+    from datasets import Dataset
+    from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
+    from mteb.types import PromptType
+    from sentence_transformers import SentenceTransformer
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    stage = ContrastiveStage("tiny-qwen3", export_max_length=96, query_instruction="Represent the news article: ")
+    stage.configure_model()
+    stage.export_hf(tmp_path / "hf")
+    if path == "encoder":
+        ours = mteb_model(Encoder.from_pretrained(tmp_path / "hf"))
+    else:  # compare's: the model as compare loads it, its cached embedder
+        model, tok = load_any(str(tmp_path / "hf"))
+        embed = model_embedder(str(tmp_path / "hf"), model, tok, bidirectional=True, batch_size=2)
+        ours = compare_mteb_model(embed, max_length=256)
+    theirs = SentenceTransformerEncoderWrapper(SentenceTransformer(str(tmp_path / "hf"), device="cpu"))
+    texts = ["what burned near Sydney?", "Rates rose again on Tuesday.", "x y z"]
+    metadata = lee_sts_task(n_docs=3).metadata
+    embedded = {}
+    for prompt_type in (PromptType.query, PromptType.document, None):
+        loader = DataLoader(Dataset.from_dict({"text": texts}), batch_size=2)
+        kwargs = {"task_metadata": metadata, "hf_split": "test", "hf_subset": "default", "prompt_type": prompt_type}
+        embedded[prompt_type] = ours.encode(loader, **kwargs)
+        assert np.abs(embedded[prompt_type] - theirs.encode(loader, **kwargs)).max() <= 1e-5
+    assert np.abs(embedded[PromptType.query] - embedded[PromptType.document]).max() > 1e-3
+    assert np.abs(embedded[None] - embedded[PromptType.document]).max() <= 1e-6

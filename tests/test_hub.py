@@ -16,7 +16,10 @@ import pytest
 from hub_standin import HubStandIn
 from safetensors.torch import load_file
 
-from bidirlm_pl.core.hub import split_hub_id
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.hub import hub_model_folder, split_hub_id
+from bidirlm_pl.data.text_module import TextDataModule
+from bidirlm_pl.stages.mntp import MNTPStage
 
 REPO = Path(__file__).resolve().parents[1]
 HF = str(Path(sys.executable).with_name("hf"))
@@ -230,3 +233,32 @@ def test_model_card_inherits_the_stages_of_its_base(tmp_path):
     assert "base_model: Qwen/Qwen3-0.6B" in card and "library_name: sentence-transformers" in card
     assert "1. `MNTPStage` from `Qwen/Qwen3-0.6B`, 1000 steps; data: HuggingFaceFW/fineweb-edu" in card
     assert 'SentenceTransformer("contrastive")' in card
+
+
+def test_a_hub_id_is_resolved_once_per_process(monkeypatch, tiny_qwen3, tmp_path):
+    """The stage's config check, the data module's tokenizer, load_backbone and the export's model card: one
+    download of the id; a failed resolution is not remembered."""
+    calls = []
+
+    def download(hub_id):
+        calls.append(hub_id)
+        if len(calls) == 1:
+            raise BidirLMError(f"model '{hub_id}': the hub cannot be reached")
+        return tiny_qwen3
+
+    monkeypatch.setattr("bidirlm_pl.core.hub.download_model", download)
+    monkeypatch.chdir(tmp_path)
+    hub_model_folder.cache_clear()
+    try:
+        with pytest.raises(BidirLMError, match="cannot be reached"):
+            MNTPStage(backbone="acme/counted-qwen3")
+        stage = MNTPStage(backbone="acme/counted-qwen3")
+        data = TextDataModule(tokenizer="acme/counted-qwen3", sources=[{"name": "lee50", "kind": "lee_documents"}],
+                              max_length=32, batch_size=2, check_documents=5)
+        stage.configure_model()
+        stage.export_hf(tmp_path / "hf")
+    finally:
+        hub_model_folder.cache_clear()
+    assert calls == ["acme/counted-qwen3"] * 2
+    assert data.tokenizer.name_or_path == str(tiny_qwen3)
+    assert "acme/counted-qwen3" in (tmp_path / "hf" / "README.md").read_text()

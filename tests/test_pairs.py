@@ -145,3 +145,46 @@ def test_validation_sources_and_held_out_fraction(tiny_qwen3):
     train_texts = {r["anchor"] for r in held.train_rows[0]}
     val_texts = {r["anchor"] for r in held.val_rows[0]}
     assert len(val_texts) == 5 and len(train_texts) == 15 and not train_texts & val_texts
+
+
+def test_validation_batches_keep_their_own_sources_instruction_when_a_source_holds_none_out(tiny_qwen3):
+    """A one-row source holds no row out: validation of the next source still uses that source's instruction."""
+    instruction = "Instruct: find the article\nQuery: "
+    dm = PairsDataModule(tokenizer=str(tiny_qwen3), batch_size=4, max_length=48, val_fraction=0.25, sources=[
+        PairSource(name="one", mode="simcse", kind="lee", max_rows=1),
+        PairSource(name="two", mode="simcse", kind="lee", max_rows=12, query_instruction=instruction)])
+    dm.setup("fit")
+    assert [len(r) for r in dm.val_rows] == [3]
+    val = list(dm.val_dataloader())
+    assert [b["query"]["input_ids"].shape[0] for b in val] == [3]
+    tok, query = dm.collator.tokenizer, val[0]["query"]
+    prefix = dm.collator.prefix_length(instruction)
+    assert prefix > 0 and torch.all(query["pool_mask"][:, :prefix] == 0)
+    for ids, mask in zip(query["input_ids"], query["attention_mask"]):
+        assert tok.decode(ids[mask.bool()], skip_special_tokens=True).startswith("Instruct: find the article")
+
+
+def test_validation_over_two_ranks_is_each_ranks_slice_of_every_global_batch(tiny_qwen3):
+    """2 ranks x 4 rows: global batches of 8 rows per source in order; a tail of 5 gives 2 rows each (1 dropped,
+    equal shapes for InfoNCE's gather), a tail of 1 gives none; both ranks run the same number of steps."""
+    from types import SimpleNamespace
+
+    dm = PairsDataModule(tokenizer=str(tiny_qwen3), batch_size=4, max_length=32, val_sources=[
+        PairSource(name="a", mode="simcse", kind="lee", max_rows=13),
+        PairSource(name="b", mode="simcse", kind="lee_documents", max_rows=9, query_instruction="Q: ")], sources=[
+        PairSource(name="s", mode="simcse", kind="lee", max_rows=8)])
+    dm.setup("fit")
+    seen = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        batches = list(dm.val_dataloader())
+        a, b = ([r["anchor"] for r in rows] for rows in dm.val_rows)
+        expected = [a[0:4], a[8:10], b[0:4]] if rank == 0 else [a[4:8], a[10:12], b[4:8]]
+        decoded = [[dm.collator.tokenizer.decode(ids[m.bool()], skip_special_tokens=True).removeprefix("Q: ")
+                    for ids, m in zip(x["query"]["input_ids"], x["query"]["attention_mask"])] for x in batches]
+        assert [x["source"] for x in batches] == [0, 0, 1]
+        assert [[t[:30] for t in batch] for batch in decoded] == [[t[:30] for t in rows] for rows in expected]
+        seen.append(len(batches))
+    assert seen == [3, 3]
+    dm.trainer = None
+    assert [x["query"]["input_ids"].shape[0] for x in dm.val_dataloader()] == [4, 4, 4, 1, 4, 4, 1]  # one process

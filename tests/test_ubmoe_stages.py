@@ -92,6 +92,32 @@ def test_stage1_takes_supervised_pairs_with_hard_negatives(tiny_qwen3, tmp_path)
     assert {k for k in before if not torch.equal(before[k], after[k])} == {k for k in before if ".experts.1." in k}
 
 
+def test_stage1_gradcache_equals_embedding_at_once(tiny_qwen3):
+    """Stage 1 shares the contrastive stage's core: GradCache chunks give the loss and expert-1 gradients of
+    embedding each group at once (hard negatives and a query instruction included)."""
+    from bidirlm_pl.core.assets import lee_background
+    from bidirlm_pl.data.pairs import PairCollator
+
+    docs = lee_background()[:7]
+    rows = [{"anchor": d[:60], "positive": d[60:200], "negatives": [docs[i + 1][60:200]]} for i, d in enumerate(docs[:6])]
+    runs = []
+    for chunk in (None, 2):
+        torch.manual_seed(0)
+        stage = UBMoEStage1(backbone=str(tiny_qwen3), attention_dropout=0.0, gradcache_chunk_size=chunk,
+                            false_negative_margin=0.1)
+        stage.configure_model()
+        out = stage.step(PairCollator(stage.tokenizer, max_length=32)(rows, "Query: "))
+        out["loss"].backward()
+        runs.append((out, {n: p.grad for n, p in stage.backbone.named_parameters() if p.grad is not None}))
+    (plain, g0), (cached, g1) = runs
+    assert set(plain) == {"loss", "masked_negatives", "accuracy"}
+    assert torch.allclose(plain["loss"], cached["loss"], atol=1e-6)
+    assert torch.equal(plain["accuracy"], cached["accuracy"])
+    assert g0.keys() == g1.keys() and g0 and all(".mlp.experts.1." in n for n in g0)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-5), name
+
+
 @pytest.mark.parametrize("routing", ["soft", "top1"])
 def test_stage2_router_gets_gradient_and_frozen_parameters_stay(stage1_folder, routing):
     stage = UBMoEStage2(backbone=str(stage1_folder), routing=routing, load_balance=0.01, optimizer=_sgd)
@@ -269,7 +295,11 @@ def test_tiny_stage1_does_not_collapse_and_keeps_expert0(tmp_path, monkeypatch, 
     on Gemma3-270M at lr 3e-4); we require at least half the untrained model's effective rank.
     """
     from bidirlm_pl.core.assets import lee_documents
-    from bidirlm_pl.evaluation.embedding import embed_texts
+    from bidirlm_pl.models.encoder import Encoder
+
+    def embed_texts(model, tok, texts):  # mean pooling of bidirectional states, no normalisation
+        encoder = Encoder(model, tok, "mean", normalize=False, max_length=64, bidirectional=True)
+        return encoder.encode(texts, batch_size=8, convert_to_numpy=False)
 
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", str(CONFIGS / "stage1-tiny.yaml"), "--trainer.max_steps=12",
@@ -279,9 +309,9 @@ def test_tiny_stage1_does_not_collapse_and_keeps_expert0(tmp_path, monkeypatch, 
     base, _ = load_backbone(tiny_qwen3, bidirectional=True)
     texts = lee_documents()[:32]
     with torch.no_grad(), moe.mode(trained, "embed"):
-        after = embed_texts(trained, tok, texts, max_length=64, batch_size=8)
+        after = embed_texts(trained, tok, texts)
     with torch.no_grad():
-        before = embed_texts(base, tok, texts, max_length=64, batch_size=8)
+        before = embed_texts(base, tok, texts)
     assert _effective_rank(after) >= 0.5 * _effective_rank(before) and _effective_rank(after) > 2.0
     plain = dict(base.named_parameters())
     for i, ffn in enumerate(moe.ubmoe_ffns(trained)):

@@ -11,6 +11,7 @@ from bidirlm_pl.backbone import attention
 from bidirlm_pl.backbone.model_files import check_config, check_tokenizer, check_weights
 from bidirlm_pl.backbone.varlen import KERNELS, VARLEN_PREFIX, kernel_backend
 from bidirlm_pl.core.errors import BidirLMError, require
+from bidirlm_pl.core.hub import resolve_model_folder
 from bidirlm_pl.core.specs import SUPPORTED_MODEL_TYPES, LoraSpec
 
 BACKENDS = ("eager", "sdpa", "flex_attention", "torch_varlen", "flash_attention_2", "flash_attention_4")
@@ -19,9 +20,8 @@ HEADS = ("base", "causal_lm")
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A checked local model folder for an offline asset name, a local folder or a hub id (``org/name[@rev]``)."""
-    from bidirlm_pl.core.hub import resolve_model_folder
-
+    """A checked local model folder for an offline asset name, a local folder or a hub id (``org/name[@rev]``;
+    resolved once per process, see ``bidirlm_pl.core.hub``)."""
     path = resolve_model_folder(name_or_path)
     check_config(path)
     check_weights(path)

@@ -78,7 +78,11 @@ def check_trainer(trainer) -> int | None:
 
 
 def check_batches(config, world: int | None) -> None:
-    """Global batch divisible by the world size; GradCache chunks no larger than the per-process batch."""
+    """Global batch divisible by the world size; GradCache chunks no larger than the per-process batch.
+
+    This is the only GradCache chunk check (``gradcache_chunk_size`` of the contrastive stages, see
+    ``bidirlm_pl.stages.contrastive.ContrastiveCore``): it fails here, before any process starts.
+    """
     data = _get(_get(config, "data"), "init_args")
     model = _get(_get(config, "model"), "init_args")
     global_batch = _get(data, "global_batch_size")
@@ -89,8 +93,9 @@ def check_batches(config, world: int | None) -> None:
         per_rank = per_rank_batch_size(int(per_rank or 1), int(global_batch), world)
     chunk = _get(model, "gradcache_chunk_size")
     if chunk is not None and per_rank is not None and (global_batch is None or world) and int(chunk) > int(per_rank):
-        raise BidirLMError(f"gradcache_chunk_size {chunk} is larger than the per-process batch {per_rank}; set it to "
-                           f"at most {per_rank}, or null to embed each batch at once")
+        split = f" (global batch {global_batch} over {world} processes)" if global_batch is not None else ""
+        raise BidirLMError(f"gradcache_chunk_size {chunk} is larger than the per-process batch {per_rank}{split}; set "
+                           f"it to at most {per_rank}, or null to embed each batch at once")
 
 
 def check_fit_config(config) -> None:

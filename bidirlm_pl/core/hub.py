@@ -5,6 +5,12 @@ A hub id resolves through ``huggingface_hub.snapshot_download`` into the standar
 (never pickled weights). With ``HF_HUB_OFFLINE=1`` the cache alone answers. Every failure
 is one line naming the id: not cached while offline, gated, private or missing, bad revision.
 
+A hub id resolves once per process: the stage's config check, the data module's tokenizer,
+``load_backbone`` and the export's model card all get the snapshot of the first resolution, so a run
+asks the hub once and cannot mix two commits of a branch that moves meanwhile. Asset names and local
+folders are checked on every call (a file test, and their answer follows the working directory and
+``BIDIRLM_CACHE``).
+
 >>> resolve_model_folder("tiny-qwen3")            # doctest: +SKIP  (offline asset)
 >>> resolve_model_folder("Qwen/Qwen3-0.6B")       # doctest: +SKIP  (hub id, cached after the first call)
 >>> resolve_model_folder("Qwen/Qwen3-0.6B@main")  # doctest: +SKIP  (a branch, tag or commit)
@@ -12,6 +18,7 @@ is one line naming the id: not cached while offline, gated, private or missing, 
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -66,11 +73,18 @@ def resolve_model_folder(reference: str | Path, *, what: str = "model path") -> 
     if split_hub_id(name) is None:
         raise BidirLMError(f"{what} '{name}' does not exist; expected a local folder with config.json, an offline "
                            "asset (`bidirlm assets list`) or a hub id 'org/name[@revision]'")
-    folder = download_model(name)
+    return hub_model_folder(name)
+
+
+@functools.cache
+def hub_model_folder(hub_id: str) -> Path:
+    """The checked snapshot folder of a model hub id, downloaded on the first call of a process and remembered
+    (failures are not: a later call tries again). ``hub_model_folder.cache_clear()`` forgets them."""
+    folder = download_model(hub_id)
     if not (folder / "config.json").exists():
-        raise BidirLMError(f"hub repo '{name}' has no config.json; expected a transformers model repo")
+        raise BidirLMError(f"hub repo '{hub_id}' has no config.json; expected a transformers model repo")
     if not any(folder.glob("*.safetensors")):
-        raise BidirLMError(f"hub repo '{name}' has no safetensors weights; this tool loads safetensors only "
+        raise BidirLMError(f"hub repo '{hub_id}' has no safetensors weights; this tool loads safetensors only "
                            "(pickled weights are never fetched)")
     return folder
 

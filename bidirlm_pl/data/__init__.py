@@ -5,6 +5,10 @@ Public API reused by other stages (contrastive SimCSE, UBMoE causal LM):
 * :func:`bidirlm_pl.data.sources.load_texts` / :class:`SourceSpec` / :func:`open_source`
 * :class:`bidirlm_pl.data.mixture.Mixture`
 * :func:`bidirlm_pl.data.packing.pack_documents`, :func:`pack_batches`, :func:`collate_rows`
+
+What every data module does one way: it names its sources in ``sources``, loads its tokenizer with
+:func:`bidirlm_pl.data.tokenizer.load_tokenizer`, holds rows out with :mod:`bidirlm_pl.data.splits`
+and shares validation over processes with :func:`bidirlm_pl.data.validation.rank_loader`.
 """
 
 from bidirlm_pl.data.mixture import Mixture

@@ -7,7 +7,8 @@ Sources:
   as ``test_data/pang_lee_polarity.cor``;
 * ``jsonl``: a file of ``{"text": ..., "label": ...}`` lines (labels are strings or integers).
 
-Train/validation split: a seeded, per-class (stratified) ``val_fraction``. Batches are padded:
+Train/validation split: a seeded, per-class (stratified) ``val_fraction`` (``bidirlm_pl.data.splits``
+applied to each class). Batches are padded:
 ``input_ids`` (B, T), ``attention_mask`` (B, T), ``labels`` (B,).
 
 >>> dm = LabelledTextDataModule("tiny-qwen3", batch_size=8)  # doctest: +SKIP
@@ -26,6 +27,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from bidirlm_pl.core.errors import BidirLMError, require
+from bidirlm_pl.data.splits import held_out_size, held_out_split
+from bidirlm_pl.data.tokenizer import load_tokenizer
+from bidirlm_pl.data.validation import rank_loader
 
 SOURCES = ("pang_lee_polarity", "jsonl")
 
@@ -63,10 +67,9 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
     train, val = [], []
     for label in sorted(set(labels)):
         members = [i for i, y in enumerate(labels) if y == label]
-        rng.shuffle(members)
-        cut = max(1, round(val_fraction * len(members))) if val_fraction > 0 else 0
-        val += members[:cut]
-        train += members[cut:]
+        rest, held = held_out_split(len(members), held_out_size(len(members), val_fraction), rng)
+        val += [members[i] for i in held]
+        train += [members[i] for i in rest]
     rng.shuffle(train)
     return train, sorted(val)
 
@@ -94,7 +97,7 @@ class LabelledTextDataModule(L.LightningDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise BidirLMError(f"val_fraction {val_fraction} is not in [0, 1)")
         self.tokenizer_name = tokenizer
-        self.source, self.path = source, path
+        self.sources = [{"name": source, "kind": source, "path": path}]  # one source, for logs and model cards
         self.max_length, self.batch_size = max_length, batch_size
         self.val_fraction, self.seed = val_fraction, seed
         self.tokenizer = None
@@ -103,9 +106,10 @@ class LabelledTextDataModule(L.LightningDataModule):
         self.label_names: list[str] = []
 
     def load(self) -> None:
-        pairs = pang_lee_polarity() if self.source == "pang_lee_polarity" else read_jsonl(self.path)
+        source = self.sources[0]
+        pairs = pang_lee_polarity() if source["kind"] == "pang_lee_polarity" else read_jsonl(source["path"])
         if not pairs:
-            raise BidirLMError(f"labelled source '{self.source}' has no examples")
+            raise BidirLMError(f"labelled source '{source['kind']}' has no examples")
         self.label_names = sorted({label for _, label in pairs})
         index = {name: i for i, name in enumerate(self.label_names)}
         self.texts = [text for text, _ in pairs]
@@ -119,15 +123,7 @@ class LabelledTextDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            if self.tokenizer_name is None:
-                raise BidirLMError("LabelledTextDataModule needs a tokenizer (the stage's model folder or asset name)")
-            from transformers import AutoTokenizer
-
-            from bidirlm_pl.backbone.load import resolve_model_path
-
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.tokenizer = load_tokenizer(self.tokenizer_name, owner="LabelledTextDataModule")
         if not self.texts:
             self.load()
         self.train_indices, self.val_indices = stratified_split(self.labels, self.val_fraction, self.seed)
@@ -144,8 +140,6 @@ class LabelledTextDataModule(L.LightningDataModule):
                           collate_fn=self.collate, drop_last=len(self.train_indices) >= self.batch_size)
 
     def val_dataloader(self):
-        from bidirlm_pl.data.validation import rank_loader
-
         rows, size = self.val_indices, self.batch_size  # the one-process batches, shared out over the ranks
         return rank_loader([rows[i:i + size] for i in range(0, len(rows), size)], self, collate=self.collate)
 

@@ -36,6 +36,7 @@ from bidirlm_pl.data.global_batches import (
     rank_rows,
     world_of,
 )
+from bidirlm_pl.data.pairs import PairSource, load_rows
 from bidirlm_pl.models.omni.inputs import AUDIO_RATE, OmniInputs
 
 KINDS = ("text", "image_captions", "audio_captions", "shapes", "tones")
@@ -114,8 +115,6 @@ def load_source(src: OmniSource) -> list[tuple]:
     if src.kind not in KINDS:
         raise BidirLMError(f"source '{src.name}' kind '{src.kind}' is not one of {list(KINDS)}")
     if src.kind == "text":
-        from bidirlm_pl.data.pairs import PairSource, load_rows
-
         pair = PairSource(**{"name": src.name, "mode": "halves", "kind": "lee", "max_rows": src.rows, **src.pair})
         return [(r["anchor"], r["positive"]) for r in load_rows(pair)]
     # generated sources: every combination once, so a batch never holds two rows with one caption
@@ -177,7 +176,7 @@ class OmniPairsData(ResumableStream, L.LightningDataModule):
                 raise BidirLMError(f"source '{src.name}' weight {src.weight} must be > 0")
         if batch_size < 2:
             raise BidirLMError(f"batch_size {batch_size} must be >= 2: InfoNCE needs in-batch negatives")
-        self.model, self.batch_size, self.max_length, self.seed = tokenizer, batch_size, max_length, seed
+        self.tokenizer_name, self.batch_size, self.max_length, self.seed = tokenizer, batch_size, max_length, seed
         self.global_batch_size = global_batch_size
         self.init_stream(resume_stream)
         self.inputs = None
@@ -190,12 +189,12 @@ class OmniPairsData(ResumableStream, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.inputs is not None:
             return
-        if self.model is None:
+        if self.tokenizer_name is None:
             raise BidirLMError("OmniPairsData needs 'tokenizer' (the composed folder; the CLI links it to the model)")
         trainer = getattr(self, "trainer", None)
         if stage == "fit" and trainer is not None and trainer.max_steps in (None, -1):
             raise BidirLMError("the omni pair stream is endless: set trainer.max_steps (e.g. --trainer.max_steps 1000)")
-        self.inputs = OmniInputs.from_folder(self.model)
+        self.inputs = OmniInputs.from_folder(self.tokenizer_name)
         self.rows = [load_source(src) for src in self.sources]
 
     def collate(self, modality: str, rows: list[tuple]) -> dict:

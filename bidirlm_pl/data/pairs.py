@@ -30,6 +30,7 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import lightning as L
 import torch
@@ -45,6 +46,9 @@ from bidirlm_pl.data.global_batches import (
     rank_rows,
     world_of,
 )
+from bidirlm_pl.data.splits import held_out_size, held_out_split
+from bidirlm_pl.data.tokenizer import load_tokenizer
+from bidirlm_pl.data.validation import global_batch_shares, rank_loader
 
 MODES = ("pairs", "simcse", "halves")
 
@@ -266,41 +270,34 @@ class PairCollator:
 # ---------------------------------------------------------------- mixture of sources, one source per batch
 
 class SourceBatches(IterableDataset):
-    """Collated batches, each drawn from one source chosen with probability proportional to its weight.
+    """Training batches, each drawn from one source chosen with probability proportional to its weight.
 
     The plan is made of *global* batches (``batch_size * world_size`` rows of one source) and rank
     ``r`` collates its contiguous slice of each (``bidirlm_pl.data.global_batches``). An epoch has
     ``sum(len(rows_i) // global_batch)`` batches (at least one per source); each source is reshuffled
-    when exhausted. Dataloader workers take every ``num_workers``-th batch. Each training batch
-    carries the stream position after it (``epoch``, ``index``) for exact resumption: iteration
-    starts at ``start`` and later epochs at their beginning.
+    when exhausted. Dataloader workers take every ``num_workers``-th batch. Each batch carries the
+    stream position after it (``epoch``, ``index``) for exact resumption: iteration starts at
+    ``start`` and later epochs at their beginning. (Validation batches: ``PairsDataModule.val_dataloader``.)
     """
 
     def __init__(self, sources: list[PairSource], rows: list[list[dict]], collator: PairCollator,
-                 batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, start: tuple[int, int] = (0, 0), signature: dict | None = None):
+                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 start: tuple[int, int] = (0, 0), signature: dict | None = None):
         self.sources, self.rows, self.collator = sources, rows, collator
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.global_batch = batch_size * world_size
         self.epoch, self.start_index = start
         self.signature = signature
-        per = [max(1, len(r) // self.global_batch) if drop_last else -(-len(r) // self.global_batch) for r in rows]
-        self.total = sum(per)
+        self.total = sum(max(1, len(r) // self.global_batch) for r in rows)
 
     def __len__(self) -> int:
         return max(1, self.total)
 
     def plan(self, epoch: int) -> list[tuple[int, list[int]]]:
-        """(source index, row indices) of every global batch of an epoch, identical on every rank.
-
-        Training draws the source of each batch by weight and shuffles rows; evaluation walks the
-        sources in order, rows in order, keeping the last partial batch.
-        """
+        """(source index, row indices) of every global batch of an epoch, identical on every rank: the
+        source of each batch drawn by weight, the rows of each source shuffled."""
         size = self.global_batch
-        if not self.shuffle:
-            return [(s, list(range(i, min(i + size, len(rows)))))
-                    for s, rows in enumerate(self.rows) for i in range(0, len(rows), size)]
         rng = random.Random(self.seed * 1_000_003 + epoch)
         weights = [s.weight for s in self.sources]
         orders: list[list[int]] = [[] for _ in self.rows]
@@ -330,12 +327,11 @@ class SourceBatches(IterableDataset):
             full = len(idx) == self.global_batch
             mine = idx[rank_rows(len(idx), self.rank, self.world_size, self.batch_size if full else None)]
             if not mine:
-                continue  # an evaluation tail smaller than the world: no rank gets a row
+                continue  # a source smaller than the world: no rank gets a row
             batch = self.collator([self.rows[s][i] for i in mine], self.sources[s].query_instruction)
             batch["source"] = s
-            if self.shuffle:
-                after = (epoch, k + 1) if k + 1 < len(plan) else (epoch + 1, 0)
-                batch[STATE_KEY] = {"epoch": after[0], "index": after[1], "signature": self.signature}
+            after = (epoch, k + 1) if k + 1 < len(plan) else (epoch + 1, 0)
+            batch[STATE_KEY] = {"epoch": after[0], "index": after[1], "signature": self.signature}
             yield batch
 
 
@@ -345,7 +341,8 @@ class PairsDataModule(ResumableStream, L.LightningDataModule):
     Args:
         tokenizer: model folder or asset name whose tokenizer to use (linked to the model by the CLI).
         sources: the training sources (see :class:`PairSource`).
-        val_sources: optional held-out sources; otherwise ``val_fraction`` of each source's rows.
+        val_sources: optional held-out sources; otherwise ``val_fraction`` of each source's rows
+            (``bidirlm_pl.data.splits``: at least one row of every source of two rows or more).
         batch_size: rows per batch (per device); the global batch (every device's rows, drawn from one
             source) is what the loss sees when it gathers across devices.
         global_batch_size: rows per step over all devices (then ``batch_size`` = this / world size).
@@ -379,44 +376,32 @@ class PairsDataModule(ResumableStream, L.LightningDataModule):
         self.global_batch_size = global_batch_size
         self.init_stream(resume_stream)
         self.train_rows = self.val_rows = None
+        self.val_row_sources: list[PairSource] = []  # the source of each list in val_rows
         self.save_hyperparameters({"sources": [asdict(s) for s in self.sources]})
-
-    def _tokenizer(self):
-        from transformers import AutoTokenizer
-
-        from bidirlm_pl.backbone.load import resolve_model_path
-
-        if self.tokenizer_name is None:
-            raise BidirLMError("PairsDataModule needs 'tokenizer' (a model folder or asset name)")
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
 
     def setup(self, stage: str | None = None):
         if self.train_rows is not None:
             return
-        self.collator = PairCollator(self._tokenizer(), self.max_length)
-        self.train_rows, self.val_rows, self._held_out = [], [], []
+        self.collator = PairCollator(load_tokenizer(self.tokenizer_name, owner=type(self).__name__), self.max_length)
+        self.train_rows, self.val_rows, self.val_row_sources = [], [], []
         for src in self.sources:
             rows = load_rows(src)
-            n_val = int(len(rows) * self.val_fraction) if not self.val_sources else 0
-            if n_val:
-                rng = random.Random(self.seed)
-                order = list(range(len(rows)))
-                rng.shuffle(order)
-                self.val_rows.append([rows[i] for i in order[:n_val]])
-                self._held_out.append(src)
-                rows = [rows[i] for i in order[n_val:]]
+            size = 0 if self.val_sources else held_out_size(len(rows), self.val_fraction)
+            if size:  # a source of one row holds none out: val_row_sources says whose rows val_rows holds
+                rest, held = held_out_split(len(rows), size, random.Random(self.seed))
+                self.val_rows.append([rows[i] for i in held])
+                self.val_row_sources.append(src)
+                rows = [rows[i] for i in rest]
             self.train_rows.append(rows)
         if self.val_sources:
             self.val_rows = [load_rows(src) for src in self.val_sources]
+            self.val_row_sources = list(self.val_sources)
         self._report_sources()
 
     def _report_sources(self) -> None:
         """One line per source at start: its mode, resolved kind, where rows come from and how many."""
-        val_specs = self.val_sources or self._held_out
-        for role, specs, tables in (("train", self.sources, self.train_rows), ("validation", val_specs, self.val_rows)):
+        for role, specs, tables in (("train", self.sources, self.train_rows),
+                                    ("validation", self.val_row_sources, self.val_rows)):
             for src, rows in zip(specs, tables):
                 kind = text_sources.resolve_kind(_text_spec(src))
                 where = src.path or src.dataset or ("gensim lee_background.cor" if kind == "lee" else "gensim lee.cor")
@@ -441,17 +426,25 @@ class PairsDataModule(ResumableStream, L.LightningDataModule):
         per_rank = self.per_rank_batch_size()
         start = self.stream_start() or {"epoch": 0, "index": 0}
         self._train = SourceBatches(self.sources, self.train_rows, self.collator, per_rank, self.seed,
-                                    shuffle=True, rank=rank, world_size=world,
+                                    rank=rank, world_size=world,
                                     start=(int(start["epoch"]), int(start["index"])),
                                     signature=self.stream_signature())
         return self._loader(self._train)
 
     def val_dataloader(self):
-        if not self.val_rows or not any(self.val_rows):
-            return []
-        world, rank = world_of(self)
-        srcs = self.val_sources or [s for s, r in zip(self.sources, self.val_rows)]
-        keep = [(s, r) for s, r in zip(srcs, self.val_rows) if r]
-        return self._loader(SourceBatches([s for s, _ in keep], [r for _, r in keep], self.collator,
-                                          self.per_rank_batch_size(), self.seed, shuffle=False, rank=rank, world_size=world,
-                                          drop_last=False))
+        """Each validation source in order, rows in order, in global batches that every rank takes its slice of
+        (InfoNCE gathers them: data/validation.py), each with its own source's ``query_instruction``."""
+        sets = [(src, rows) for src, rows in zip(self.val_row_sources, self.val_rows or []) if rows]
+        world = world_of(self)[0]
+        per_rank = self.per_rank_batch_size()
+        items = [(s, part) for s, (_, rows) in enumerate(sets)
+                 for part in global_batch_shares(len(rows), per_rank, world)]
+        return rank_loader(items, self, collate=partial(_collate_validation, self.collator, sets))
+
+
+def _collate_validation(collator: PairCollator, sets: list[tuple[PairSource, list[dict]]], item) -> dict:
+    s, part = item
+    source, rows = sets[s]
+    batch = collator([rows[i] for i in part], source.query_instruction)
+    batch["source"] = s
+    return batch

@@ -25,7 +25,6 @@ source (held out of training), packed and masked once with a fixed seed.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 
 import lightning as L
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
+from transformers import AutoConfig
 
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.global_batches import (
@@ -52,6 +52,9 @@ from bidirlm_pl.data.sources import (
     open_source,
     resolve_kind,
 )
+from bidirlm_pl.data.splits import held_out_size, held_out_split
+from bidirlm_pl.data.tokenizer import load_tokenizer
+from bidirlm_pl.data.validation import rank_loader
 
 SHORT_DOCUMENT_POLICIES = ("error", "skip")
 
@@ -127,9 +130,9 @@ class TextDataModule(ResumableStream, L.LightningDataModule):
     ):
         super().__init__()
         self.tokenizer_name = tokenizer
-        self.source_specs = [SourceSpec(**s) if isinstance(s, dict) else s for s in (sources or [])]
-        self.val_specs = [SourceSpec(**s) if isinstance(s, dict) else s for s in (val_sources or [])]
-        for spec in self.source_specs + self.val_specs:
+        self.sources = [SourceSpec(**s) if isinstance(s, dict) else s for s in (sources or [])]
+        self.val_sources = [SourceSpec(**s) if isinstance(s, dict) else s for s in (val_sources or [])]
+        for spec in self.sources + self.val_sources:
             resolve_kind(spec)  # contradictory fields fail here, before any model or data loads
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
@@ -156,7 +159,7 @@ class TextDataModule(ResumableStream, L.LightningDataModule):
 
     # ------------------------------------------------------------------ checks (before training)
     def _check_arguments(self) -> None:
-        if not self.source_specs:
+        if not self.sources:
             raise BidirLMError("data 'sources' is empty; add at least one source (e.g. {name: lee, kind: lee})")
         if self.max_length < 2:
             raise BidirLMError(f"max_length {self.max_length} is below 2; MNTP needs at least 2 tokens per row")
@@ -169,21 +172,14 @@ class TextDataModule(ResumableStream, L.LightningDataModule):
                 f"short_documents '{self.short_documents}' is not one of {list(SHORT_DOCUMENT_POLICIES)}"
             )
         self.mask_spec.validate()
-        normalised_weights([s.name for s in self.source_specs], [float(s.weight) for s in self.source_specs])
+        normalised_weights([s.name for s in self.sources], [float(s.weight) for s in self.sources])
 
     def prepare(self) -> None:
         """Load the tokenizer, open every source and check it; raise a one-line error on bad input."""
         if self.masker is not None:
             return
-        if self.tokenizer_name is None:
-            raise BidirLMError("TextDataModule needs 'tokenizer' (a model folder or asset name)")
-        from transformers import AutoConfig, AutoTokenizer
-
-        from bidirlm_pl.backbone.load import resolve_model_path
-
-        path = resolve_model_path(self.tokenizer_name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
+        self.tokenizer = load_tokenizer(self.tokenizer_name, owner="TextDataModule")
+        config = AutoConfig.from_pretrained(self.tokenizer.name_or_path)
         config = getattr(config, "text_config", None) or config
         limit = getattr(config, "max_position_embeddings", None)
         if limit is not None and self.max_length > limit:
@@ -206,20 +202,21 @@ class TextDataModule(ResumableStream, L.LightningDataModule):
 
     def _open_sources(self) -> tuple[list[TextSource], list[TextSource]]:
         train, val = [], []
-        names = [s.name for s in self.source_specs]
+        names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise BidirLMError(f"source names {names} are not unique; give each source its own name")
-        for spec in self.source_specs:
+        for spec in self.sources:
             source = open_source(spec)
             self._check_source(source)
-            if self.val_fraction > 0 and not self.val_specs and source.random_access:
+            if self.val_fraction > 0 and not self.val_sources and source.random_access:
                 n = len(source.docs)
-                order = np.random.default_rng([self.seed, 7919]).permutation(n)
-                n_val = max(1, math.ceil(self.val_fraction * n)) if n > 1 else 0
-                val.append(TextSource(spec, docs=_Subset(source.docs, sorted(order[:n_val]))))
-                source = TextSource(spec, docs=_Subset(source.docs, sorted(order[n_val:])))
+                rest, held = held_out_split(n, held_out_size(n, self.val_fraction),
+                                            np.random.default_rng([self.seed, 7919]))
+                # both parts are views of the source in its own order
+                val.append(TextSource(spec, docs=_Subset(source.docs, sorted(held))))
+                source = TextSource(spec, docs=_Subset(source.docs, sorted(rest)))
             train.append(source)
-        for spec in self.val_specs:
+        for spec in self.val_sources:
             source = open_source(spec)
             self._check_source(source)
             val.append(source)
@@ -348,8 +345,6 @@ class TextDataModule(ResumableStream, L.LightningDataModule):
                           collate_fn=_identity)
 
     def val_dataloader(self):
-        from bidirlm_pl.data.validation import rank_loader
-
         return rank_loader(self._val_batches, self)
 
     def test_dataloader(self):

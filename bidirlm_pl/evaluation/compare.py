@@ -11,19 +11,27 @@ perplexity) atomically into ``--output`` and prints the table.
         --names base bi-base contrastive --attention causal bidirectional bidirectional --output runs/compare
     bidirlm compare gemma3-270m runs/ubmoe/stage2/hf@forced1 runs/ubmoe/stage2/hf   # naive bi-FFN vs UBMoE
 
-``--attention`` sets each model's embedding attention (``bidirectional``, the default, or
-``causal``: the base model used as a decoder with mean pooling). A UBMoE folder runs generation
-tasks in its ``generate`` mode (its learned routing) and bidirectional embeddings in its ``embed``
-mode; ``FOLDER@ROUTING`` uses one routing for both (``@forced1``: the bidirectional FFN fine-tune
-without router, ``@forced0``: the original model exactly).
+Each model embeds as its folder was exported (pooling, normalisation, query prompt on queries, token limit;
+``suite.model_embedder``); a plain or UBMoE folder mean-pools without prompt. ``--attention`` sets each
+model's embedding attention (``bidirectional``, the default, or ``causal``: the base model used as a
+decoder with mean pooling). A UBMoE folder runs generation tasks in its ``generate`` mode (its
+learned routing) and bidirectional embeddings in its ``embed`` mode; ``FOLDER@ROUTING`` uses one routing
+for both (``@forced1``: the bidirectional FFN fine-tune without router, ``@forced0``: the original
+model exactly).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
+from bidirlm_pl.backbone.load import resolve_model_path
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.export import atomic_folder
+from bidirlm_pl.evaluation.harness import safe_name
+from bidirlm_pl.evaluation.suite import MAIN_METRIC, ModelSpec, check_data, evaluate, load_suite
 from bidirlm_pl.moe.modes import split_routing
 
 
@@ -43,8 +51,6 @@ def _cell(task, values: dict | None) -> str:
         return f"{values['recall@1']:.3f} / {values['recall@10']:.3f} / {values['ndcg@10']:.3f}"
     if task.kind == "dependence":
         return f"{values['dp_before']:.1f} / {values['dp_main']:.1f} / {values['dp_after']:.1f}"
-    from bidirlm_pl.evaluation.suite import MAIN_METRIC
-
     return f"{values[MAIN_METRIC[task.kind]]:.4f}"
 
 
@@ -86,8 +92,6 @@ def domain_table(results, suite) -> list[str]:
     A task says its side with ``domain: in`` or ``domain: out``; several tasks on one side are averaged
     as a geometric mean. Empty unless the suite has a task on each side.
     """
-    import math
-
     sides = {d: [t for t in suite.tasks if t.kind == "perplexity" and t.domain == d] for d in ("in", "out")}
     if not all(sides.values()) or not results:
         return []
@@ -141,11 +145,6 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
             config: str | None = None, output: str | None = None, max_length: int | None = None,
             overwrite: bool = False, progress: bool = True):
     """Run the suite on every model; returns the per-model results (and writes the report to ``output``)."""
-    from bidirlm_pl.backbone.load import resolve_model_path
-    from bidirlm_pl.core.errors import BidirLMError
-    from bidirlm_pl.core.export import atomic_folder
-    from bidirlm_pl.evaluation.suite import ModelSpec, check_data, evaluate, load_suite
-
     for option, values in (("--names", names), ("--attention", attention)):
         if values and len(values) != len(paths):
             raise BidirLMError(f"{option} has {len(values)} entries for {len(paths)} models; give one per model")
@@ -176,8 +175,6 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
                                  | {"mean_embedding_score": r.mean_embedding_score(suite)} for r in results]}
             (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             (staging / "report.md").write_text(table)
-            from bidirlm_pl.evaluation.harness import safe_name
-
             for r in results:  # the harnesses' own outputs, beside the report
                 for name, text in r.artifacts.items():
                     target = staging / Path(name).parent / f"{safe_name(r.name)}-{Path(name).name}"

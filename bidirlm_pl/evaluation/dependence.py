@@ -22,6 +22,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from bidirlm_pl.backbone.load import decoder_of
+from bidirlm_pl.core.errors import BidirLMError
 
 CAPTURE_BACKEND = "bidirlm_dependence"
 BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -50,19 +59,12 @@ def unmasked_attention(query_BHTD: torch.Tensor, key_BHSD: torch.Tensor, scaling
 @contextmanager
 def capture_attention(model, *, masked: bool):
     """Route the model's attention through a wrapper that records per-layer shares; yields the list."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     configs = [model.config] + ([model.config.text_config] if getattr(model.config, "text_config", None) else [])
     original = [c._attn_implementation for c in configs]
     inner = ALL_ATTENTION_FUNCTIONS.get(original[0], sdpa_attention_forward) if original[0] != "eager" else None
     records: list[torch.Tensor] = []
 
     def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
         if masked:
             out, weights = eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                                    dropout=0.0, **kwargs)
@@ -121,10 +123,6 @@ def dependence(model, tokenizer, texts: list[str], *, name: str = "model", max_l
 
     The model runs in its own mode (its config's ``is_causal``) unless ``bidirectional`` says otherwise.
     """
-    from tqdm.auto import tqdm
-
-    from bidirlm_pl.backbone.load import decoder_of
-
     decoder = decoder_of(model)
     if bidirectional is None:
         bidirectional = not getattr(model.config, "is_causal", True)
@@ -141,8 +139,6 @@ def dependence(model, tokenizer, texts: list[str], *, name: str = "model", max_l
             by_bucket.setdefault(bucket_of(enc["input_ids"].shape[1]), []).append(layers_LS.mean(0))
             per_layer_sum = layers_LS if per_layer_sum is None else per_layer_sum + layers_LS
     if not per_text:
-        from bidirlm_pl.core.errors import BidirLMError
-
         raise BidirLMError("no text has two or more tokens; dependence needs real sentences")
     order = [bucket_of(e) for e in BUCKETS] + [f">{BUCKETS[-1]}"]
     report = DependenceReport(name, masked, texts=len(per_text),

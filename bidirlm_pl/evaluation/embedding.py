@@ -4,17 +4,23 @@ The 50 Lee documents are embedded, the cosine similarity of each of the 1225 upp
 (order ``np.triu_indices(50, 1)``) is compared with the averaged human ratings
 (:func:`bidirlm_pl.core.assets.lee_similarities`). This is the shared "STS score" validation hook: any
 object with ``encode(texts, batch_size=...) -> (N, D)`` works (our Encoder, a SentenceTransformer).
+Every embedding of this project's evaluation comes from :class:`~bidirlm_pl.models.encoder.Encoder`:
+an exported folder's as it was exported, any other model with mean pooling.
 
 >>> from bidirlm_pl.models.encoder import Encoder
 >>> lee_spearman(Encoder.from_pretrained("gemma3-270m"))  # doctest: +SKIP
 0.43...
+
+scipy, mteb and datasets are imported where they are used: seconds each, for commands that may not need them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from bidirlm_pl.core import assets
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.evaluation.metrics import unit_rows
 
 
 def spearman(a, b) -> float:
@@ -26,8 +32,6 @@ def spearman(a, b) -> float:
 
 def pairwise_cosines(embeddings_ND) -> np.ndarray:
     """Cosine similarities of the upper-triangle pairs, in ``np.triu_indices(N, 1)`` order."""
-    from bidirlm_pl.evaluation.metrics import unit_rows
-
     e = unit_rows(embeddings_ND)
     sims = e @ e.T
     return sims[np.triu_indices(e.shape[0], 1)]
@@ -35,8 +39,6 @@ def pairwise_cosines(embeddings_ND) -> np.ndarray:
 
 def lee_pairs(n_docs: int = 50) -> tuple[list[str], np.ndarray]:
     """The first ``n_docs`` Lee documents and the human ratings of their upper-triangle pairs."""
-    from bidirlm_pl.core import assets
-
     docs = assets.lee_documents()
     if not 2 <= n_docs <= len(docs):
         raise BidirLMError(f"n_docs {n_docs} must be in [2, {len(docs)}]")
@@ -85,35 +87,3 @@ def lee_sts_task(n_docs: int = 50):
             self.data_loaded = True
 
     return LeeSTS()
-
-
-def embed_texts(model, tokenizer, texts: list[str], *, causal: bool = False, max_length: int = 512,
-                batch_size: int = 8):
-    """Mean-pooled last hidden states (N, D), fp32, of a decoder run causally or bidirectionally (right padding)."""
-    import torch
-
-    from bidirlm_pl.backbone.load import decoder_of
-    from bidirlm_pl.models.pooling import mean_pool
-
-    model.eval()
-    decoder = decoder_of(model)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
-            hidden = decoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                             is_causal=causal).last_hidden_state
-            out.append(mean_pool(hidden, enc["attention_mask"]).float())
-    return torch.cat(out)
-
-
-class MeanPoolEncoder:
-    """``encode(texts, batch_size) -> (N, D)`` over any decoder: mean pooling, causal or bidirectional attention."""
-
-    def __init__(self, model, tokenizer, max_length: int = 512, *, causal: bool = False):
-        self.model, self.tokenizer, self.max_length, self.causal = model, tokenizer, max_length, causal
-
-    def encode(self, texts, batch_size: int = 8, **_):
-        return embed_texts(self.model, self.tokenizer, list(texts), causal=self.causal, max_length=self.max_length,
-                           batch_size=batch_size).numpy()

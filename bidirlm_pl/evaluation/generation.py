@@ -15,6 +15,7 @@ import torch
 
 from bidirlm_pl.backbone import attention
 from bidirlm_pl.backbone.load import decoder_of
+from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.packing import collate_rows, pack_documents, tokenize_documents
 from bidirlm_pl.losses.token import causal_lm_loss, final_logit_softcap
 
@@ -89,8 +90,6 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
 
 def multiple_choice_accuracy(model, tokenizer, records: list[dict], batch_size: int = 32) -> float:
     """Share of records whose ``answer`` choice has the highest log-likelihood after its ``context``."""
-    from bidirlm_pl.core.errors import BidirLMError
-
     pairs, spans = [], []
     for i, r in enumerate(records):
         if not (isinstance(r["answer"], int) and 0 <= r["answer"] < len(r["choices"])):

@@ -2,9 +2,11 @@
 
 Both run through the libraries themselves on the model ``compare`` already loaded, in the right mode:
 
-* ``kind: mteb`` -- ``mteb.evaluate`` on an MTEB encoder over our mean-pooled embeddings (the model's
-  embedding attention; a UBMoE folder in its ``embed`` mode). ``tasks:`` are MTEB task names, or
-  ``local:NAME`` for the tasks this project defines over shipped data (``local:lee-sts``); or a
+* ``kind: mteb`` -- ``mteb.evaluate`` on :func:`mteb_model`: the model's :class:`~bidirlm_pl.models.encoder.Encoder`
+  (the pooling, normalisation and prompts its folder was exported with; mean pooling for a plain folder),
+  with the model's embedding attention (a UBMoE folder in its ``embed`` mode). Prompts reach MTEB as they
+  do from ``SentenceTransformer(folder)``: the query prompt on queries only. ``tasks:`` are MTEB task names,
+  or ``local:NAME`` for the tasks this project defines over shipped data (``local:lee-sts``); or a
   ``benchmark:`` by name (``"MTEB(eng, v2)"``). Main score per task, and their mean.
 * ``kind: lm_eval`` -- ``lm_eval.simple_evaluate`` with lm-eval's own ``HFLM`` wrapped around our model and
   tokenizer, causal attention (a UBMoE folder in its ``generate`` mode, or the routing pinned by
@@ -13,7 +15,9 @@ Both run through the libraries themselves on the model ``compare`` already loade
   (``acc``, else the first numeric metric), and their mean; lm-eval's own results JSON is saved beside
   the report.
 
-A task whose data is neither reachable nor cached is one line naming the task.
+A task whose data is neither reachable nor cached is one line naming the task. ``mteb`` and ``lm_eval``
+are imported inside the functions that use them: each takes seconds to import, and ``bidirlm compare``
+without such a task never pays for it.
 """
 
 from __future__ import annotations
@@ -21,18 +25,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from bidirlm_pl.backbone import attention
 from bidirlm_pl.core.errors import BidirLMError, first_line
+from bidirlm_pl.evaluation.embedding import lee_sts_task
+from bidirlm_pl.models.encoder import DEFAULT_MAX_LENGTH, Encoder
 
 HEADLINE = ("acc", "acc_norm", "exact_match", "f1", "mcc", "pearson", "bleu")
 
 
 def local_mteb_tasks() -> dict:
-    from bidirlm_pl.evaluation.embedding import lee_sts_task
-
     return {"lee-sts": lee_sts_task}
 
 
@@ -58,34 +64,60 @@ def mteb_tasks(names: list[str] | None, benchmark: str | None, *, where: str) ->
     return tasks
 
 
-def mteb_encoder(embed, *, model, max_length: int, name: str):
-    """An MTEB encoder over ``embed(texts, max_length) -> (N, D)`` (the compare suite's cached embedder)."""
+def mteb_model(encoder: Encoder, name: str = "bidirlm-pl/encoder", revision: str = "local", *,
+               encode: Callable | None = None, max_tokens: int | None = None):
+    """``encoder`` as an MTEB model: ``mteb.evaluate(mteb_model(encoder), tasks)``.
+
+    Each call's prompt is chosen as MTEB chooses it for ``SentenceTransformer(folder)``: the prompt named
+    after the task or its type if the encoder has one, else the ``query`` prompt on queries, the
+    ``document`` prompt on documents (``""`` unless set), the default prompt (none in our exports) on the
+    texts of symmetric tasks (STS, classification, clustering).
+    ``encode(texts, prompt_name) -> (N, D)`` replaces ``encoder.encode`` (``compare`` passes its cache).
+
+    >>> results = mteb.evaluate(mteb_model(Encoder.from_pretrained(folder)), tasks, cache=None)  # doctest: +SKIP
+    """
     from mteb.models.abs_encoder import AbsEncoder
     from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-    class SuiteEncoder(AbsEncoder):
+    class MTEBEncoder(AbsEncoder):
         def __init__(self):
+            self.model = encoder
+            # as mteb's SentenceTransformer wrapper: prompt names MTEB does not know are dropped (with a warning)
+            self.model_prompts = AbsEncoder.validate_task_to_prompt_name(encoder.prompts, raise_for_invalid_keys=False)[0]
             self.mteb_model_meta = ModelMeta.create_empty(overwrites={
-                "name": name, "revision": "local", "n_parameters": sum(p.numel() for p in model.parameters()),
+                "name": name, "revision": revision, "n_parameters": sum(p.numel() for p in encoder.model.parameters()),
                 "similarity_fn_name": ScoringFunction.COSINE,
-                "embed_dim": model.config.get_text_config().hidden_size, "max_tokens": max_length,
-                "modalities": ["text"], "framework": ["PyTorch"],
+                "embed_dim": encoder.model.config.get_text_config().hidden_size,
+                "max_tokens": max_tokens or encoder.max_length or DEFAULT_MAX_LENGTH, "modalities": ["text"],
+                "framework": ["PyTorch"],
             })
 
         def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
-            return embed([t for batch in inputs for t in batch["text"]], max_length)
+            texts = [t for batch in inputs for t in batch["text"]]
+            prompt_name = self.get_prompt_name(task_metadata, prompt_type)
+            if encode is not None:
+                return encode(texts, prompt_name)
+            return encoder.encode(texts, batch_size=kwargs.get("batch_size", 32), prompt_name=prompt_name,
+                                  show_progress_bar=False)
 
-    return SuiteEncoder()
+    return MTEBEncoder()
 
 
-def run_mteb(task, model, embed, *, max_length: int, model_name: str) -> dict:
+def compare_mteb_model(embed, *, max_length: int, model_name: str = "model"):
+    """compare's MTEB model: :func:`mteb_model` over the embedder ``embed`` (its Encoder, through its cache)."""
+    return mteb_model(embed.encoder, name=f"bidirlm-pl/{safe_name(model_name)}", max_tokens=embed.limit(max_length),
+                      encode=lambda texts, prompt_name: embed(texts, max_length, prompt_name=prompt_name))
+
+
+def run_mteb(task, embed, *, max_length: int, model_name: str) -> dict:
+    """One mteb task entry on compare's embedder ``embed``."""
     import mteb
 
     where = f"task '{task.name}'"
     tasks = mteb_tasks(task.tasks, task.benchmark, where=where)
-    encoder = mteb_encoder(embed, model=model, max_length=max_length, name=f"bidirlm-pl/{safe_name(model_name)}")
+    model = compare_mteb_model(embed, max_length=max_length, model_name=model_name)
     try:
-        result = mteb.evaluate(encoder, tasks, cache=None, show_progress_bar=False)
+        result = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False)
     except Exception as err:
         raise BidirLMError(f"{where}: MTEB could not evaluate {[t.metadata.name for t in tasks]}: "
                            f"{first_line(err, 160)} (offline: is the task's data in the Hugging Face cache?)") from err
@@ -98,8 +130,6 @@ def run_lm_eval(task, model, tokenizer, *, batch_size: int, model_name: str) -> 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-
-    from bidirlm_pl.backbone import attention
 
     where = f"task '{task.name}'"
     # lm-eval calls the model without is_causal: make causal attention the model's default (the caller restores)

@@ -11,23 +11,40 @@ A suite file::
 
 Kinds and record shapes: :mod:`bidirlm_pl.evaluation.task_data`. Generation tasks (perplexity,
 continuation, multiple_choice) run causally (a UBMoE folder in its ``generate`` mode); embedding tasks
-(sts, retrieval, classification, clustering) mean-pool the last hidden states with the model's
-embedding attention (``bidirectional`` by default, ``causal`` for a base-model baseline; a UBMoE
-folder in its ``embed`` mode when bidirectional); dependence reports DP-before / main / after
-of the attention without a causal mask, the model run with its embedding attention.
+(sts, retrieval, classification, clustering, mteb) embed with the folder's
+:class:`~bidirlm_pl.models.encoder.Encoder` (:func:`model_embedder`): the pooling, normalisation and
+prompts it was exported with, queries with the query prompt and documents with the document prompt as
+``SentenceTransformer(folder)`` gives them, texts cut at the task's ``max_length`` or the folder's own,
+whichever is shorter; a plain or UBMoE folder mean-pools without prompt. The attention is the model's
+embedding attention (``bidirectional`` by default, ``causal`` for a base-model baseline; a UBMoE folder
+in its ``embed`` mode when bidirectional); dependence reports DP-before / main / after of the attention
+without a causal mask, the model run with its embedding attention.
 """
 
 from __future__ import annotations
 
+import difflib
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from bidirlm_pl.backbone import attention as attn
+from bidirlm_pl.backbone.load import resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.yaml_files import read_yaml_mapping
+from bidirlm_pl.evaluation import metrics
+from bidirlm_pl.evaluation.dependence import dependence
+from bidirlm_pl.evaluation.embedding import spearman
+from bidirlm_pl.evaluation.generation import causal_perplexity, continuation, multiple_choice_accuracy
+from bidirlm_pl.evaluation.harness import run_lm_eval, run_mteb
 from bidirlm_pl.evaluation.task_data import FIELDS, builtin, builtin_names_for, read_jsonl
+from bidirlm_pl.models.encoder import Encoder, read_encoder_config
+from bidirlm_pl.moe.convert import is_ubmoe
+from bidirlm_pl.moe.modes import load_any, mode, split_routing
 
 GENERATION_KINDS = ("perplexity", "continuation", "multiple_choice", "lm_eval")
 EMBEDDING_KINDS = ("sts", "retrieval", "classification", "clustering", "mteb")
@@ -150,8 +167,6 @@ def load_suite(path: str | Path | None) -> Suite:
         if not isinstance(entry, dict) or "name" not in entry or "kind" not in entry:
             raise BidirLMError(f"compare config: task {i} needs a 'name' and a 'kind', got {entry!r}")
         if set(entry) - task_keys:
-            import difflib
-
             unknown = sorted(set(entry) - task_keys)
             near = difflib.get_close_matches(unknown[0], task_keys, n=1)
             hint = f"did you mean '{near[0]}'?" if near else "the task fields are listed in docs/evaluation.md"
@@ -212,61 +227,63 @@ class ModelResult:
 
 
 class Embedder:
-    """Mean-pooled embeddings of one model; each distinct text is encoded once per model (tasks share texts)."""
+    """compare's embeddings of one model: its :class:`Encoder`, each distinct (text, prompt, token limit) encoded
+    once (tasks share texts).
 
-    def __init__(self, model, tokenizer, *, causal: bool, batch_size: int):
-        self.model, self.tokenizer, self.causal, self.batch_size = model, tokenizer, causal, batch_size
-        self.cache: dict[tuple[str, int], np.ndarray] = {}
+    ``embed(texts, max_length, prompt_name=...)`` prepends the encoder's prompt of that name as
+    sentence-transformers does: ``"query"`` as ``encode_query``, ``"document"`` as ``encode_document``, None
+    as ``encode`` (the default prompt: none in our exports). Texts are cut at ``max_length`` or at the
+    model's own limit (``own_max_length``: None for a folder without one), whichever is shorter.
+    """
 
-    def __call__(self, texts: list[str], max_length: int) -> np.ndarray:
-        from bidirlm_pl.evaluation.embedding import embed_texts
+    def __init__(self, encoder: Encoder, *, batch_size: int, own_max_length: int | None = None):
+        self.encoder, self.batch_size, self.own_max_length = encoder, batch_size, own_max_length
+        self.cache: dict[tuple[str, str, int], np.ndarray] = {}
 
-        todo = list(dict.fromkeys(t for t in texts if (t, max_length) not in self.cache))
-        todo.sort(key=len, reverse=True)  # batches of similar lengths: little padding
+    def limit(self, max_length: int) -> int:
+        return max_length if self.own_max_length is None else min(max_length, self.own_max_length)
+
+    def __call__(self, texts: list[str], max_length: int, *, prompt_name: str | None = None) -> np.ndarray:
+        prompt = self.encoder.resolve_prompt(prompt_name=prompt_name) or ""
+        limit = self.limit(max_length)
+        todo = list(dict.fromkeys(t for t in texts if (t, prompt, limit) not in self.cache))
         if todo:
-            vectors = embed_texts(self.model, self.tokenizer, todo, causal=self.causal, max_length=max_length,
-                                  batch_size=self.batch_size).numpy()
-            self.cache.update({(t, max_length): v for t, v in zip(todo, vectors)})
-        return np.stack([self.cache[(t, max_length)] for t in texts])
+            vectors = self.encoder.encode(todo, self.batch_size, prompt=prompt, max_length=limit,
+                                          show_progress_bar=False)
+            self.cache.update({(t, prompt, limit): v for t, v in zip(todo, vectors)})
+        return np.stack([self.cache[(t, prompt, limit)] for t in texts])
+
+
+def model_embedder(path: str, model, tokenizer, *, bidirectional: bool, batch_size: int) -> Embedder:
+    """compare's embedding path for a model loaded from ``path`` (``FOLDER@ROUTING`` allowed): the Encoder its
+    folder was exported as (a plain or UBMoE folder: mean pooling, no prompt), attention as ``--attention``."""
+    folder = resolve_model_path(split_routing(path)[0])
+    encoder = Encoder.for_model(model, tokenizer, folder, bidirectional=bidirectional)
+    return Embedder(encoder, batch_size=batch_size, own_max_length=read_encoder_config(folder)["max_length"])
 
 
 def run_task(task: TaskSpec, model, tokenizer, embed: Embedder, *, max_length: int, batch_size: int,
              bidirectional: bool, model_name: str = "model", artifacts: dict | None = None) -> dict:
     """One task on one loaded model (the caller sets UBMoE modes); returns its metrics."""
-    from bidirlm_pl.evaluation import metrics
-    from bidirlm_pl.evaluation.embedding import spearman
-
     if task.kind == "mteb":
-        from bidirlm_pl.evaluation.harness import run_mteb
-
-        return run_mteb(task, model, embed, max_length=max_length, model_name=model_name)
+        return run_mteb(task, embed, max_length=max_length, model_name=model_name)
     if task.kind == "lm_eval":
-        from bidirlm_pl.evaluation.harness import run_lm_eval
-
         scores, raw = run_lm_eval(task, model, tokenizer, batch_size=batch_size, model_name=model_name)
         if artifacts is not None:
             artifacts[f"lm_eval/{task.name}.json"] = raw
         return scores
 
     if task.kind == "continuation":
-        from bidirlm_pl.evaluation.generation import continuation
-
         return {"texts": [continuation(model, tokenizer, p, task.max_new_tokens) for p in task.prompts],
                 "prompts": task.prompts}
     records = task.records()
     if task.kind == "perplexity":
-        from bidirlm_pl.evaluation.generation import causal_perplexity
-
         ppl = causal_perplexity(model, tokenizer, [r["text"] for r in records], max_length=max_length,
                                 batch_size=max(1, batch_size // 4))
         return {"perplexity": ppl}
     if task.kind == "multiple_choice":
-        from bidirlm_pl.evaluation.generation import multiple_choice_accuracy
-
         return {"accuracy": multiple_choice_accuracy(model, tokenizer, records)}
     if task.kind == "dependence":
-        from bidirlm_pl.evaluation.dependence import dependence
-
         report = dependence(model, tokenizer, [r["text"] for r in records], max_length=max_length,
                             bidirectional=bidirectional, progress=False)
         before, main, after = report.overall
@@ -283,7 +300,8 @@ def run_task(task: TaskSpec, model, tokenizer, embed: Embedder, *, max_length: i
         q_index, d_index = {q: i for i, q in enumerate(queries)}, {d: i for i, d in enumerate(documents)}
         for r in records:
             relevant[q_index[r["query"]], d_index[r["document"]]] = True
-        scores = metrics.cosine_matrix(embed(queries, max_length), embed(documents, max_length))
+        scores = metrics.cosine_matrix(embed(queries, max_length, prompt_name="query"),
+                                       embed(documents, max_length, prompt_name="document"))
         return metrics.retrieval_scores(scores, relevant) | {"queries": len(queries), "documents": len(documents)}
     labels = [str(r["label"]) for r in records]
     if len(set(labels)) < 2:
@@ -299,20 +317,12 @@ def run_task(task: TaskSpec, model, tokenizer, embed: Embedder, *, max_length: i
 
 
 def evaluate(spec: ModelSpec, suite: Suite, *, progress: bool = True) -> ModelResult:
-    """Every task of ``suite`` on one model folder (plain, merged, UBMoE, ``FOLDER@ROUTING``)."""
-    from contextlib import nullcontext
-
-    from tqdm.auto import tqdm
-
-    from bidirlm_pl.backbone import attention as attn
-    from bidirlm_pl.moe.convert import is_ubmoe
-    from bidirlm_pl.moe.modes import load_any, mode
-
+    """Every task of ``suite`` on one model folder (plain, merged, contrastive, UBMoE, ``FOLDER@ROUTING``)."""
     model, tokenizer = load_any(spec.path)
     model.eval()
     bidirectional = spec.attention == "bidirectional"
     ubmoe = is_ubmoe(model)
-    embed = Embedder(model, tokenizer, causal=not bidirectional, batch_size=suite.batch_size)
+    embed = model_embedder(spec.path, model, tokenizer, bidirectional=bidirectional, batch_size=suite.batch_size)
     result = ModelResult(spec.name, spec.path, spec.attention)
     bar = tqdm(suite.tasks, desc=spec.name, unit="task", disable=not progress)
     for task in bar:

@@ -23,13 +23,21 @@ disassembler that constructs no object and imports nothing, never unpickled.
 
 from __future__ import annotations
 
+import bz2
 import json
+import pickletools
+import random
 import re
 import zlib
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
+from bidirlm_pl.core import assets
+from bidirlm_pl.core.assets import gensim_data
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.evaluation.embedding import lee_pairs
 
 MIN_POST_WORDS = 25  # shorter posts (a signature, "me too") carry no topic
 
@@ -86,8 +94,6 @@ def builtin_names_for(kind: str) -> list[str]:
 
 
 def _lee() -> list[dict]:
-    from bidirlm_pl.core import assets
-
     return [{"text": t} for t in assets.lee_documents()]
 
 
@@ -106,11 +112,8 @@ def _wiki_leads() -> tuple[str, ...]:
     Australian news that the stages train on. Markup is stripped with gensim's own ``filter_wiki``;
     headings, lists, tables and lines under 20 words are dropped; redirects and stubs are skipped.
     """
-    import bz2
-
+    # gensim takes seconds to import, and only this data set needs it
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-
-    from bidirlm_pl.core.assets import gensim_data
 
     dump = gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     records = []
@@ -129,18 +132,12 @@ def _wiki_leads() -> tuple[str, ...]:
 
 
 def _lee_sts() -> list[dict]:
-    import numpy as np
-
-    from bidirlm_pl.evaluation.embedding import lee_pairs
-
     docs, human = lee_pairs(50)
     i, j = np.triu_indices(len(docs), 1)
     return [{"text1": docs[a], "text2": docs[b], "score": float(s)} for a, b, s in zip(i, j, human)]
 
 
 def _polarity() -> list[dict]:
-    from bidirlm_pl.core.assets import gensim_data
-
     records = []
     for line in gensim_data("pang_lee_polarity.cor").read_text(encoding="cp1252").splitlines():
         label, _, text = line.partition(" ")
@@ -153,10 +150,6 @@ def _polarity() -> list[dict]:
 @lru_cache(maxsize=1)
 def _newsgroup_posts() -> tuple[tuple[str, str, str], ...]:
     """(group, subject, body) of gensim's 200 mini-newsgroup posts; quoted lines and headers dropped."""
-    import pickletools
-
-    from bidirlm_pl.core.assets import gensim_data
-
     raw = zlib.decompress(gensim_data("mini_newsgroup").read_bytes())
     texts = [arg for op, arg, _ in pickletools.genops(raw) if op.name == "UNICODE"]
     posts = []
@@ -185,10 +178,6 @@ def _newsgroup_subjects() -> list[dict]:
 
 def _capitals() -> list[dict]:
     """Cloze by log-likelihood: "<capital> is the capital of" -> the country among four (gensim's analogy file)."""
-    import random
-
-    from bidirlm_pl.core.assets import gensim_data
-
     pairs, section = {}, None
     for line in gensim_data("questions-words.txt").read_text(encoding="utf-8").splitlines():
         if line.startswith(":"):

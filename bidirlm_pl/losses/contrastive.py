@@ -1,10 +1,10 @@
 """Contrastive losses: InfoNCE with in-batch, hard and cross-device negatives; GradCache for big batches.
 
 ``InfoNCE.compute_loss(query_BD, positive_BD, negatives_BND=None)`` works on embeddings only, so
-wrappers (GradCache, the UBMoE stage) and tests reuse it. Scores are cosine similarities divided by
-the temperature, as sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1 / t``:
-each query's candidates are every positive of the (global) batch plus every hard negative of the
-(global) batch, and the matching positive is the target.
+wrappers (GradCache, the stages' ``ContrastiveCore``) and tests reuse it. Scores are cosine
+similarities divided by the temperature, as sentence-transformers' ``MultipleNegativesRankingLoss``
+with ``scale = 1 / t``: each query's candidates are every positive of the (global) batch plus every
+hard negative of the (global) batch, and the matching positive is the target.
 
 Options:
 
@@ -160,10 +160,11 @@ class GradCache(nn.Module):
        cached gradient into the model, one chunk at a time.
 
     ``forward(embed, query_batch, positive_batch, negative_batch=None, n_negatives=0)`` returns a
-    loss tensor whose ``backward()`` runs step 3, so it fits Lightning's automatic optimization.
+    loss tensor whose ``backward()`` runs step 3, so it fits Lightning's automatic optimization;
+    ``last_details`` and ``last_embeddings`` (the cached query and positive embeddings) describe it.
     Negative batches hold B*N rows ordered row by row (row i's N negatives are contiguous).
-    Across processes, set ``sync`` (a :class:`bidirlm_pl.losses.grad_sync.ReplaySync`, or anything with
-    ``before_backward(output, last=...)``) so gradients are reduced once, by the last chunk.
+    Across processes, set ``sync`` once (a :class:`bidirlm_pl.losses.grad_sync.ReplaySync`, or anything with
+    ``before_backward(output, last=...)``) so that every step's gradients are reduced once, by the last chunk.
 
     >>> enc = torch.nn.Linear(4, 3)
     >>> gc = GradCache(InfoNCE(), chunk_size=2)
@@ -178,6 +179,7 @@ class GradCache(nn.Module):
         self.loss = loss
         self.chunk_size = chunk_size
         self.last_details: dict[str, torch.Tensor] = {}
+        self.last_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sync = None
 
     def _ranges(self, batch: dict) -> list[tuple[int, int]]:
@@ -200,6 +202,7 @@ class GradCache(nn.Module):
                     parts.append(embed(chunk))
             cached.append(torch.cat(parts).detach().requires_grad_(grad_enabled))
             states.append(column_states)
+        self.last_embeddings = (cached[0].detach(), cached[1].detach())
         negatives = None
         if negative_batch is not None:
             B = cached[0].shape[0]

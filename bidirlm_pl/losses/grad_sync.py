@@ -13,6 +13,10 @@ gradients, as DDP's ``no_sync`` does for gradient accumulation:
 
 If Lightning itself blocks the sync (a gradient-accumulation micro-batch), the last chunk does not
 sync either. One process: nothing to do.
+
+One ``ReplaySync`` serves a whole fit: the stage builds it once the strategy has wrapped the model
+(``on_fit_start``, see ``bidirlm_pl.stages.contrastive.ContrastiveCore``) and sets it as ``GradCache.sync``;
+each step then calls ``begin()`` in ``training_step`` and ``end()`` after the batch.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 
 class ReplaySync:
-    """Gradient-sync control for one training step's chunked backward passes (see the module docstring)."""
+    """Gradient-sync control for the chunked backward passes of every training step (see the module docstring)."""
 
     def __init__(self, modules: list[torch.nn.Module | None], strategy_model: torch.nn.Module | None):
         from torch.nn.parallel import DistributedDataParallel

@@ -1,10 +1,13 @@
-"""Encoder: embed texts with an exported model; the Sentence-Transformers files of an export; an MTEB wrapper.
+"""Encoder: embed texts with an exported model; the Sentence-Transformers files of an export.
 
 An exported folder is a plain Hugging Face folder (``config.json`` with ``is_causal: false``,
 safetensors, tokenizer) plus the Sentence-Transformers modules (``modules.json``, ``1_Pooling``,
 ``2_Normalize``, ``sentence_bert_config.json``, ``config_sentence_transformers.json``) and our
 ``bidirlm_encoder.json``. ``SentenceTransformer(folder)`` and ``AutoModel.from_pretrained(folder)``
 load it without remote code; :class:`Encoder` embeds identically, faster on mixed lengths.
+:func:`read_encoder_config` is how every evaluation learns a folder's pooling, normalisation, prompts
+and token limit; a plain folder (a base model, an MNTP export, a UBMoE folder) gets mean pooling,
+no normalisation and no prompt.
 
 >>> enc = Encoder.from_pretrained("runs/contrastive/hf")  # doctest: +SKIP
 >>> enc.encode(["a first text", "another one"], batch_size=32).shape  # doctest: +SKIP
@@ -16,21 +19,28 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
 
+from bidirlm_pl.backbone import attention
+from bidirlm_pl.backbone.load import decoder_of, resolve_backend, resolve_dtype, resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.models.pooling import ST_MODES, Pooling
 
 ENCODER_CONFIG = "bidirlm_encoder.json"
 LATENT_WEIGHTS = "latent_pooling.safetensors"
 PROGRESS_MIN_TEXTS = 256
+DEFAULT_MAX_LENGTH = 512
+# sentence-transformers (5+) always holds these two: encode_query / encode_document use them, "" when unset
+ROLE_PROMPTS = {"query": "", "document": ""}
 
 
 def write_encoder_files(folder: str | Path, *, hidden_size: int, pooling: str = "mean", normalize: bool = True,
-                        max_length: int = 512, query_instruction: str | None = None,
+                        max_length: int = DEFAULT_MAX_LENGTH, query_instruction: str | None = None,
                         latent_state: dict | None = None, latent_config: dict | None = None) -> None:
     """Add the Sentence-Transformers modules and our encoder config to an HF folder (classic ST layout).
 
@@ -42,8 +52,6 @@ def write_encoder_files(folder: str | Path, *, hidden_size: int, pooling: str = 
               "query_instruction": query_instruction, "latent": latent_config}
     (folder / ENCODER_CONFIG).write_text(json.dumps(config, indent=2))
     if pooling not in ST_MODES:
-        from safetensors.torch import save_file
-
         assert latent_state is not None, "latent-attention pooling exports its weights"
         save_file({k: v.detach().cpu().contiguous() for k, v in latent_state.items()}, str(folder / LATENT_WEIGHTS))
         return
@@ -79,16 +87,59 @@ def prompt_length(tokenizer, prompt: str | None) -> int:
     return len(ids)
 
 
-def _read_config(folder: Path) -> dict:
+# sentence-transformers' Pooling mode (new ``pooling_mode`` or legacy ``pooling_mode_*`` flag) -> ours
+_ST_POOLING = {**{st: ours for ours, st in ST_MODES.items()}, "mean_tokens": "mean", "weightedmean_tokens": "weighted_mean"}
+
+
+def _st_pooling(pool: dict, where: Path) -> str:
+    modes = pool.get("pooling_mode")
+    if modes is None:
+        modes = [k[len("pooling_mode_"):] for k, v in pool.items() if k.startswith("pooling_mode_") and v is True]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in _ST_POOLING:
+        raise BidirLMError(f"'{where}': Sentence-Transformers pooling {modes} is not one of "
+                           f"{sorted(set(_ST_POOLING) - {'mean_tokens', 'weightedmean_tokens'})}")
+    return _ST_POOLING[modes[0]]
+
+
+def read_encoder_config(folder: str | Path) -> dict:
+    """How a folder embeds: ``pooling``, ``normalize``, ``max_length``, ``prompts``, ``default_prompt_name``,
+    ``include_prompt`` and ``latent`` (latent-attention sizes).
+
+    Ours (``bidirlm_encoder.json``, its query instruction as the ``query`` prompt), a Sentence-Transformers
+    folder from elsewhere (``modules.json``, ``1_Pooling``, ``sentence_bert_config.json``,
+    ``config_sentence_transformers.json``), or a plain folder: mean pooling, no normalisation, no prompt
+    and ``max_length`` None (no token limit of its own).
+
+    >>> read_encoder_config("runs/contrastive/hf")["prompts"]  # doctest: +SKIP
+    {'query': 'Represent the news article: ', 'document': ''}
+    """
+    folder = Path(folder)
+    st_file = folder / "config_sentence_transformers.json"
+    st = json.loads(st_file.read_text()) if st_file.exists() else {}
+    prompts = {**ROLE_PROMPTS, **{k: v or "" for k, v in (st.get("prompts") or {}).items()}}
+    config = {"pooling": "mean", "normalize": False, "max_length": None, "prompts": prompts,
+              "default_prompt_name": st.get("default_prompt_name"), "include_prompt": False, "latent": None}
     if (folder / ENCODER_CONFIG).exists():
-        return json.loads((folder / ENCODER_CONFIG).read_text())
-    config = {"pooling": "mean", "normalize": False, "max_length": 512, "query_instruction": None}
-    pool_file = folder / "1_Pooling" / "config.json"
-    if pool_file.exists():  # a Sentence-Transformers folder from elsewhere
-        pool = json.loads(pool_file.read_text())
-        by_flag = {"pooling_mode_lasttoken": "last", "pooling_mode_weightedmean_tokens": "weighted_mean"}
-        config["pooling"] = next((m for f, m in by_flag.items() if pool.get(f)), "mean")
-        config["normalize"] = (folder / "2_Normalize").exists()
+        ours = json.loads((folder / ENCODER_CONFIG).read_text())
+        instruction = ours.pop("query_instruction", None)
+        config.update(ours)
+        if instruction:
+            config["prompts"]["query"] = instruction
+        return config
+    modules_file = folder / "modules.json"
+    if not modules_file.exists():
+        return config
+    modules = json.loads(modules_file.read_text())  # a Sentence-Transformers folder from elsewhere
+    pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
+    if pooling is not None:
+        pool = json.loads((folder / pooling["path"] / "config.json").read_text())
+        config["pooling"] = _st_pooling(pool, folder)
+        config["include_prompt"] = bool(pool.get("include_prompt", True))
+    config["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
+    bert = folder / "sentence_bert_config.json"
+    if bert.exists():
+        config["max_length"] = json.loads(bert.read_text()).get("max_seq_length")
     return config
 
 
@@ -97,7 +148,10 @@ class Encoder:
 
     Texts are tokenized once, sorted by length and batched so that padding is minimal; with
     ``pack=True`` (or ``"auto"`` on varlen/flash backends, where no mask is materialised) each batch
-    is one packed row of documents with a leak-free block-diagonal attention.
+    is one packed row of documents with a leak-free block-diagonal attention. Prompts follow
+    sentence-transformers: ``encode(prompt=...)`` or ``encode(prompt_name=...)`` (a key of ``prompts``),
+    else the ``default_prompt_name``'s prompt; ``encode_queries`` / ``encode_documents`` use the
+    ``query`` / ``document`` prompt (``""`` unless set) as ``encode_query`` / ``encode_document`` do.
 
     Args:
         model: a transformers decoder (``...Model``) or causal LM (its decoder is used).
@@ -105,19 +159,30 @@ class Encoder:
         pooling: a :class:`~bidirlm_pl.models.pooling.Pooling` module or mode name.
         normalize: L2-normalise the embeddings.
         max_length: token limit per text (prompt included).
-        query_instruction: prompt used by ``encode_queries`` (excluded from pooling).
+        query_instruction: the ``query`` prompt (shorthand for ``prompts={"query": ...}``).
+        prompts: named prompts (``config_sentence_transformers.json``'s), over ``{"query": "", "document": ""}``.
+        default_prompt_name: the prompt used when a call names none.
+        include_prompt: pool the prompt's tokens too (sentence-transformers' ``include_prompt``; ours exclude them).
+        bidirectional: the attention of every call; None: the model's own (``config.is_causal``).
     """
 
     def __init__(self, model, tokenizer, pooling: Pooling | str = "mean", normalize: bool = True,
-                 max_length: int = 512, query_instruction: str | None = None):
-        from bidirlm_pl.backbone.load import decoder_of
-
+                 max_length: int = DEFAULT_MAX_LENGTH, query_instruction: str | None = None, *,
+                 prompts: dict[str, str] | None = None, default_prompt_name: str | None = None,
+                 include_prompt: bool = False, bidirectional: bool | None = None):
         self.model = decoder_of(model)
         self.tokenizer = tokenizer
         self.pooler = Pooling(pooling) if isinstance(pooling, str) else pooling
         self.normalize = normalize
         self.max_length = max_length
-        self.query_instruction = query_instruction
+        self.prompts = {**ROLE_PROMPTS, **(prompts or {})}
+        if query_instruction is not None:
+            self.prompts["query"] = query_instruction
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise BidirLMError(f"default prompt '{default_prompt_name}' is not one of the prompts {sorted(self.prompts)}")
+        self.default_prompt_name = default_prompt_name
+        self.include_prompt = include_prompt
+        self.bidirectional = bidirectional
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -125,31 +190,55 @@ class Encoder:
     def from_pretrained(cls, folder: str | Path, *, device: str = "cpu", dtype: str = "float32",
                         attn_implementation: str = "sdpa", **overrides) -> Encoder:
         """Load an exported folder (ours, or any ST/HF folder of a supported decoder). Never remote code."""
-        from transformers import AutoModel, AutoTokenizer
-
-        from bidirlm_pl.backbone.load import resolve_backend, resolve_dtype, resolve_model_path
-
         folder = resolve_model_path(folder)
-        config = {**_read_config(folder), **overrides}
         model = AutoModel.from_pretrained(folder, dtype=resolve_dtype(dtype),
                                           attn_implementation=resolve_backend(attn_implementation))
         model.to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return cls.for_model(model, AutoTokenizer.from_pretrained(folder), folder, **overrides)
+
+    @classmethod
+    def for_model(cls, model, tokenizer, folder: str | Path, **overrides) -> Encoder:
+        """The encoder ``folder`` was exported as, around a model already loaded from it (a causal LM, a UBMoE model).
+
+        ``overrides``: any key of :func:`read_encoder_config`, ``query_instruction`` or ``bidirectional``.
+        """
+        config = read_encoder_config(folder)
+        unknown = set(overrides) - set(config) - {"query_instruction", "bidirectional"}
+        if unknown:
+            raise BidirLMError(f"unknown encoder settings {sorted(unknown)}; expected some of {sorted(config)}, "
+                               "query_instruction, bidirectional")
+        config.update(overrides)
         hidden = model.config.get_text_config().hidden_size
-        latent = config.get("latent") or {}
+        latent = config["latent"] or {}
         pooler = Pooling(config["pooling"], hidden_size=hidden, num_latents=latent.get("num_latents", 512),
                          num_heads=latent.get("num_heads", 8))
         if pooler.latent is not None:
-            from safetensors.torch import load_file
-
-            pooler.latent.load_state_dict(load_file(str(folder / LATENT_WEIGHTS)))
-        pooler.to(device=device, dtype=model.dtype)
-        return cls(model, tokenizer, pooler, normalize=config["normalize"], max_length=config["max_length"],
-                   query_instruction=config.get("query_instruction"))
+            pooler.latent.load_state_dict(load_file(str(Path(folder) / LATENT_WEIGHTS)))
+        weight = next(model.parameters())
+        pooler.to(device=weight.device, dtype=weight.dtype)
+        return cls(model, tokenizer, pooler, normalize=config["normalize"],
+                   max_length=config["max_length"] or DEFAULT_MAX_LENGTH,
+                   query_instruction=config.get("query_instruction"), prompts=config["prompts"],
+                   default_prompt_name=config["default_prompt_name"], include_prompt=config["include_prompt"],
+                   bidirectional=config.get("bidirectional"))
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def query_instruction(self) -> str | None:
+        return self.prompts.get("query") or None
+
+    def resolve_prompt(self, prompt: str | None = None, prompt_name: str | None = None) -> str | None:
+        """The text prepended to every input: ``prompt``, else ``prompts[prompt_name]``, else the default prompt."""
+        if prompt is not None:
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise BidirLMError(f"prompt name '{prompt_name}' is not one of the prompts {sorted(self.prompts)}")
+            return self.prompts[prompt_name]
+        return self.prompts.get(self.default_prompt_name) if self.default_prompt_name else None
 
     def _batches(self, lengths: list[int], batch_size: int, pack: bool) -> list[list[int]]:
         """Indices of texts per batch, longest first; packed batches hold up to ``batch_size * longest`` tokens."""
@@ -169,18 +258,18 @@ class Encoder:
         return batches
 
     def _forward(self, ids: list[list[int]], prefixes: list[int], pack: bool) -> torch.Tensor:
-        from bidirlm_pl.backbone import attention
-
         pad = self.tokenizer.pad_token_id
         device = self.device
+        bidirectional = (not getattr(self.model.config, "is_causal", True) if self.bidirectional is None
+                         else self.bidirectional)
         if pack:
             flat = [t for seq in ids for t in seq]
             seq_ids = torch.tensor([[k for k, seq in enumerate(ids) for _ in seq]], device=device)
             positions = torch.tensor([[p for seq in ids for p in range(len(seq))]], device=device)
             pool = torch.tensor([[int(p >= min(prefixes[k], len(seq) - 1)) for k, seq in enumerate(ids)
                                   for p in range(len(seq))]], device=device)
-            kwargs = attention.model_inputs(self.model.config, seq_ids_BT=seq_ids, bidirectional=not getattr(
-                self.model.config, "is_causal", True), dtype=self.model.dtype)
+            kwargs = attention.model_inputs(self.model.config, seq_ids_BT=seq_ids, bidirectional=bidirectional,
+                                            dtype=self.model.dtype)
             hidden = self.model(input_ids=torch.tensor([flat], device=device), position_ids=positions,
                                 **kwargs).last_hidden_state
             return self.pooler(hidden, pool, seq_ids)
@@ -193,21 +282,21 @@ class Encoder:
         pool = mask.clone()
         for k, p in enumerate(prefixes):
             pool[k, :min(p, len(ids[k]) - 1)] = 0
-        hidden = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        per_call = {} if self.bidirectional is None else {"is_causal": not self.bidirectional}
+        hidden = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **per_call).last_hidden_state
         return self.pooler(hidden, pool.to(device))
 
     def encode(self, texts: Sequence[str] | str, batch_size: int = 32, *, prompt: str | None = None,
-               normalize: bool | None = None, pack: bool | str = "auto", show_progress_bar: bool | None = None,
+               prompt_name: str | None = None, max_length: int | None = None, normalize: bool | None = None,
+               pack: bool | str = "auto", show_progress_bar: bool | None = None,
                convert_to_numpy: bool = True) -> np.ndarray | torch.Tensor:
-        """Embeddings (N, D) of ``texts``, in input order; ``prompt`` is prepended and excluded from pooling.
+        """Embeddings (N, D) of ``texts``, in input order; the prompt is prepended and excluded from pooling.
+
+        ``max_length`` overrides the encoder's token limit for this call.
 
         >>> Encoder.from_pretrained("tiny-qwen3").encode(["hello"]).shape  # doctest: +SKIP
         (1, 64)
         """
-        from tqdm.auto import tqdm
-
-        from bidirlm_pl.backbone import attention
-
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if batch_size < 1:
@@ -218,14 +307,16 @@ class Encoder:
         if pack == "auto":
             pack = attention.uses_varlen(self.model.config)
         normalize = self.normalize if normalize is None else normalize
+        prompt = self.resolve_prompt(prompt, prompt_name)
         dim = self.model.config.get_text_config().hidden_size
         if not texts:
             empty = torch.zeros(0, dim)
             return empty.numpy() if convert_to_numpy else empty
         full = [(prompt or "") + t for t in texts]
-        ids = self.tokenizer(full, truncation=True, max_length=self.max_length, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(full, truncation=True, max_length=max_length or self.max_length,
+                             add_special_tokens=True)["input_ids"]
         ids = [seq if seq else [self.tokenizer.pad_token_id] for seq in ids]
-        prefix = prompt_length(self.tokenizer, prompt)
+        prefix = 0 if self.include_prompt else prompt_length(self.tokenizer, prompt)
         batches = self._batches([len(s) for s in ids], batch_size, bool(pack))
         out = torch.empty(len(texts), dim, dtype=torch.float32)
         show = len(texts) >= PROGRESS_MIN_TEXTS if show_progress_bar is None else show_progress_bar
@@ -249,36 +340,9 @@ class Encoder:
         return out.numpy() if convert_to_numpy else out
 
     def encode_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
-        """``encode`` with the exported query instruction as prompt."""
-        return self.encode(texts, prompt=self.query_instruction, **kwargs)
+        """``encode`` with the query prompt (the exported query instruction), as ``encode_query`` does."""
+        return self.encode(texts, prompt_name="query", **kwargs)
 
-
-# ---------------------------------------------------------------- MTEB
-
-def mteb_model(encoder: Encoder, name: str = "bidirlm-pl/encoder", revision: str = "local"):
-    """Wrap an :class:`Encoder` so that ``mteb.evaluate(model, tasks)`` runs it (queries get the instruction).
-
-    >>> results = mteb.evaluate(mteb_model(Encoder.from_pretrained(folder)), tasks, cache=None)  # doctest: +SKIP
-    """
-    from mteb.models.abs_encoder import AbsEncoder
-    from mteb.models.model_meta import ModelMeta, ScoringFunction
-    from mteb.types import PromptType
-
-    class MTEBEncoder(AbsEncoder):
-        def __init__(self):
-            self.model = encoder
-            n_params = sum(p.numel() for p in encoder.model.parameters())
-            self.mteb_model_meta = ModelMeta.create_empty(overwrites={
-                "name": name, "revision": revision, "n_parameters": n_params,
-                "similarity_fn_name": ScoringFunction.COSINE,
-                "embed_dim": encoder.model.config.get_text_config().hidden_size,
-                "max_tokens": encoder.max_length, "modalities": ["text"], "framework": ["PyTorch"],
-            })
-
-        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs: Any):
-            texts = [t for batch in inputs for t in batch["text"]]
-            prompt = encoder.query_instruction if prompt_type == PromptType.query else None
-            return encoder.encode(texts, batch_size=kwargs.get("batch_size", 32), prompt=prompt,
-                                  show_progress_bar=False)
-
-    return MTEBEncoder()
+    def encode_documents(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+        """``encode`` with the document prompt (none in our exports), as ``encode_document`` does."""
+        return self.encode(texts, prompt_name="document", **kwargs)

@@ -6,6 +6,7 @@ returning a dict of scalars with a ``loss`` key, and may override ``build_model`
 
 from __future__ import annotations
 
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,7 @@ from bidirlm_pl.backbone.load import check_backend, decoder_of, load_backbone, r
 from bidirlm_pl.backbone.trainable import apply_trainable
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.export import save_hf_folder
+from bidirlm_pl.core.hub import resolve_model_folder
 from bidirlm_pl.core.specs import BackboneSpec, Schedule
 
 
@@ -27,9 +29,8 @@ def default_optimizer(params):
 
 def _check_model_reference(model: str) -> None:
     """Fail at config time, before any training, on a model that is not a folder, an asset or a hub id
-    (a hub id is fetched into the Hugging Face cache here, or found there when offline)."""
-    from bidirlm_pl.core.hub import resolve_model_folder
-
+    (a hub id is fetched into the Hugging Face cache here, or found there when offline; the data module's
+    tokenizer, ``load_backbone`` and the export reuse that resolution: ``bidirlm_pl.core.hub``)."""
     resolve_model_folder(model)
 
 
@@ -295,7 +296,6 @@ class BackboneStage(L.LightningModule):
     card_loader = "transformers"  # how the card says to load the export (UBMoE: "ubmoe")
 
     def _export_files(self, folder: Path) -> None:
-        from bidirlm_pl.core.hub import resolve_model_folder
         from bidirlm_pl.core.model_card import write_model_card
 
         self.export_extra(folder)
@@ -311,16 +311,9 @@ class BackboneStage(L.LightningModule):
 
 
 def data_sources(datamodule) -> list[dict]:
-    """The named sources of a data module (or a list of source dicts), as plain dicts of where they read from."""
-    from dataclasses import asdict, is_dataclass
-
-    if isinstance(datamodule, list | tuple):
-        specs = datamodule
-    else:
-        specs = (getattr(datamodule, "source_specs", None) or getattr(datamodule, "sources", None)
-                 or getattr(datamodule, "source", None) or [])
-    if not isinstance(specs, list | tuple):
-        specs = [specs]
+    """The named sources of a data module (its ``sources`` list, which every data module has) or of a list of
+    source dicts (a checkpoint's), as plain dicts of where they read from."""
+    specs = datamodule if isinstance(datamodule, list | tuple) else getattr(datamodule, "sources", None) or []
     out = []
     for spec in specs:
         fields = asdict(spec) if is_dataclass(spec) else dict(spec) if isinstance(spec, dict) else {}

@@ -2,9 +2,11 @@
 
 The model is a ``bidirlm compose`` folder loaded as :class:`bidirlm_pl.models.omni.model.OmniEncoder`:
 the merged backbone trains (``backbone.trainable`` groups, default all), the towers stay frozen
-(no gradient, eval mode). Batches come from :class:`bidirlm_pl.data.omni.OmniPairsData`; each
-step logs ``train/loss`` and ``train/loss_<modality>``. The export is again an omni folder
-(same towers and processors, trained backbone), with the training recorded in its provenance.
+(no gradient, eval mode). Batches come from :class:`bidirlm_pl.data.omni.OmniPairsData`; the loss is
+the contrastive stages' shared core (:class:`bidirlm_pl.stages.contrastive.ContrastiveCore`) on the
+encoder's own embeddings, and each step logs ``train/loss`` and ``train/loss_<modality>``. The export
+is again an omni folder (same towers and processors, trained backbone), with the training recorded in
+its provenance.
 
     bidirlm fit --config configs/omni/contrastive-tiny.yaml
 """
@@ -21,9 +23,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from bidirlm_pl.backbone.trainable import apply_trainable
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.specs import BackboneSpec, Schedule
-from bidirlm_pl.losses.contrastive import InfoNCE
 from bidirlm_pl.models.omni.inputs import OMNI_CONFIG, load_record
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
+from bidirlm_pl.stages.contrastive import ContrastiveCore, ContrastiveOutput
 
 
 def save_omni(encoder, source: Path, target: str | Path, *, provenance: dict | None = None,
@@ -51,23 +53,29 @@ def save_omni(encoder, source: Path, target: str | Path, *, provenance: dict | N
     return Path(target)
 
 
-class OmniContrastiveStage(BackboneStage):
+class OmniContrastiveStage(ContrastiveCore, BackboneStage):
     """Multimodal contrastive training of a composed omni model.
 
     Args (besides :class:`BackboneStage`'s; ``backbone.model`` is the composed folder):
         temperature: InfoNCE temperature (> 0).
         gather_across_devices: under DDP/FSDP, every rank's embeddings join the candidates.
+        symmetric, false_negative_margin: as the contrastive stage's
+            (:class:`bidirlm_pl.stages.contrastive.ContrastiveCore`).
+
+    No GradCache: image and audio inputs are patch and frame tensors whose rows are not the batch's rows.
     """
 
     default_head = "base"
     fixed_bidirectional = True
 
     def __init__(self, backbone: BackboneSpec, optimizer: OptimizerCallable = default_optimizer,
-                 schedule: Schedule | None = None, temperature: float = 0.05, gather_across_devices: bool = True):
+                 schedule: Schedule | None = None, temperature: float = 0.05, gather_across_devices: bool = True,
+                 symmetric: bool = False, false_negative_margin: float | None = None):
         super().__init__(backbone, optimizer=optimizer, schedule=schedule)
         if self.lora is not None:
             raise BidirLMError("the omni stage trains the merged backbone directly; backbone.lora must be null")
-        self.loss_fn = InfoNCE(temperature, gather_across_devices=gather_across_devices)
+        self.init_contrastive(temperature=temperature, symmetric=symmetric, false_negative_margin=false_negative_margin,
+                              gather_across_devices=gather_across_devices)
 
     def build_model(self):
         from bidirlm_pl.models.omni.model import OmniEncoder
@@ -86,13 +94,12 @@ class OmniContrastiveStage(BackboneStage):
         raise BidirLMError("the omni stage runs on one device or DDP (configs/trainer/ddp.yaml); FSDP2 is not "
                            "supported for it yet")
 
-    def batch_size_of(self, batch: dict) -> int:
-        return int(batch["query"]["input_ids"].shape[0])
+    def embed(self, group: dict) -> torch.Tensor:
+        """The omni encoder's own embeddings (towers, then the backbone's pooled states) of one group."""
+        return self.backbone(group)
 
-    def step(self, batch: dict) -> dict[str, torch.Tensor]:
-        query_BD, positive_BD = self.backbone(batch["query"]), self.backbone(batch["positive"])
-        loss = self.loss_fn.compute_loss(query_BD, positive_BD)
-        return {"loss": loss, f"loss_{batch['modality']}": loss.detach()}
+    def step_metrics(self, batch: dict, result: ContrastiveOutput) -> dict[str, torch.Tensor]:
+        return {f"loss_{batch['modality']}": result.loss.detach()}
 
     def export_hf(self, target: str | Path, *, overwrite: bool = True) -> Path:
         from bidirlm_pl.backbone.load import resolve_model_path
