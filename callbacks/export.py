@@ -7,6 +7,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.hub import push_folder, split_hub_id
+
 
 class HFExport(L.Callback):
     """Export ``pl_module.export_hf`` to ``dirpath`` (default ``<default_root_dir>/hf``) at fit end.
@@ -21,8 +24,6 @@ class HFExport(L.Callback):
 
     def __init__(self, dirpath: str | None = None, every_n_steps: int = 0, push_to_hub: str | None = None,
                  private: bool = False):
-        from bidirlm_pl.core.errors import BidirLMError
-        from bidirlm_pl.core.hub import split_hub_id
 
         if push_to_hub is not None and (split_hub_id(push_to_hub) is None or "@" in push_to_hub):
             raise BidirLMError(f"HFExport push_to_hub '{push_to_hub}' is not a hub repo id; expected 'org/name'")
@@ -56,6 +57,5 @@ class HFExport(L.Callback):
         target = self._root(trainer)
         self._export(trainer, pl_module, target)
         if self.push_to_hub is not None and trainer.is_global_zero:
-            from bidirlm_pl.core.hub import push_folder
 
             rank_zero_info(f"pushed {target} -> {push_folder(target, self.push_to_hub, private=self.private)}")

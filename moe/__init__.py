@@ -18,10 +18,25 @@ from bidirlm_pl.moe.convert import (
     to_plain,
     ubmoe_ffns,
 )
-from bidirlm_pl.moe.data import UBMoEPairsData, UBMoETextData
 from bidirlm_pl.moe.ffn import ROUTING_MODES, UniBiFFN, load_balancing_loss
 from bidirlm_pl.moe.modes import current_mode, mode, set_mode, set_mode_routing
-from bidirlm_pl.moe.stages import UBMoEStage1, UBMoEStage2, apply_moe_trainable
+
+# The stages and data modules (Lightning, upper layers) load on first use: a lower layer importing
+# bidirlm_pl.moe.convert (callbacks, evaluation) must not pull the stage layer in through this package.
+_LAZY = {"UBMoEPairsData": "bidirlm_pl.moe.data", "UBMoETextData": "bidirlm_pl.moe.data",
+         "UBMoEStage1": "bidirlm_pl.moe.stages", "UBMoEStage2": "bidirlm_pl.moe.stages",
+         "apply_moe_trainable": "bidirlm_pl.moe.stages"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bidirlm_pl.moe' has no attribute '{name}'")
+
 
 __all__ = [
     "ROUTING_MODES",

@@ -25,7 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bidirlm_pl.backbone import attention
+from bidirlm_pl.backbone.load import resolve_backend, resolve_dtype, resolve_model_path
+from bidirlm_pl.core import assets
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.export import save_hf_folder
+from bidirlm_pl.core.hub import is_hub_id, resolve_model_folder
 from bidirlm_pl.core.specs import SUPPORTED_MODEL_TYPES
 from bidirlm_pl.moe.ffn import NUM_EXPERTS, ROUTER_INITS, TOP1_GRADIENTS, UniBiFFN, check_routing
 
@@ -127,8 +132,6 @@ def ubmoe_ffns(model: nn.Module) -> list[UniBiFFN]:
 
 def ubmoe_record(model: str | Path) -> dict | None:
     """The ``ubmoe`` entry of a model folder's config.json (None for plain models and assets)."""
-    from bidirlm_pl.core import assets
-    from bidirlm_pl.core.hub import is_hub_id, resolve_model_folder
 
     if str(model) in assets.ASSETS:
         return None
@@ -217,7 +220,6 @@ def to_plain(model: nn.Module, expert: int) -> nn.Module:
 
 def save_ubmoe(model: nn.Module, tokenizer, target: str | Path, *, overwrite: bool = True) -> Path:
     """Write a UBMoE model (config with ``ubmoe``, safetensors, tokenizer) atomically to ``target``."""
-    from bidirlm_pl.core.export import save_hf_folder
 
     spec_of(model)
     return save_hf_folder(model, tokenizer, target, overwrite=overwrite)
@@ -254,8 +256,6 @@ def load_ubmoe(
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from bidirlm_pl.backbone import attention
-    from bidirlm_pl.backbone.load import resolve_backend, resolve_dtype, resolve_model_path
 
     path = resolve_model_path(folder)
     config = AutoConfig.from_pretrained(path)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from bidirlm_pl.backbone import attention
+from bidirlm_pl.backbone.load import load_backbone, resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.moe.convert import ATTENTION_MODES, _record, load_ubmoe, set_routing, spec_of, ubmoe_record
 from bidirlm_pl.moe.ffn import ROUTING_MODES, check_routing
@@ -70,7 +71,6 @@ def split_routing(path: str) -> tuple[str, str | None]:
 
 def load_any(path: str, *, attn_implementation: str = "sdpa"):
     """A causal LM and tokenizer from a plain folder, an asset name or a UBMoE folder (``@routing`` allowed)."""
-    from bidirlm_pl.backbone.load import load_backbone, resolve_model_path
 
     path, routing = split_routing(path)
     folder = resolve_model_path(path)

@@ -96,3 +96,22 @@ def test_checkpoints_written_before_the_specs_moved_still_load_safely(tmp_path, 
     loaded = safe_torch_load(tmp_path / "old.ckpt")
     assert loaded == saved and type(loaded["schedule"]) is specs.Schedule
     assert type(loaded["backbone"].lora) is specs.LoraSpec
+
+
+def test_every_module_imports_first_in_a_fresh_process():
+    """A package ``__init__`` that re-exports an upper layer hides cycles from the layer contract: importing each
+    module first (with no other project module loaded) shows them."""
+    graph = grimp.build_graph("bidirlm_pl")
+    modules = sorted(m for m in graph.modules if not m.endswith(".__main__"))
+    script = (
+        "import importlib, sys\n"
+        f"failed = []\nfor name in {modules!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'bidirlm_pl' or m.startswith('bidirlm_pl.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n        importlib.import_module(name)\n"
+        "    except ImportError as err:\n        failed.append(f'{name}: {err}')\n"
+        "print('\\n'.join(failed))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == ""

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError, require
 
 VARLEN_PREFIX = "bidirlm_varlen"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -154,7 +154,6 @@ def flash4_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 def kernel_backend(attn_implementation: str) -> str:
     """Register the kernel behind a varlen ``attn_implementation`` and return the backend name to load with."""
-    from bidirlm_pl.core.errors import require
 
     suffix, needs = KERNELS[attn_implementation]
     if not torch.cuda.is_available():

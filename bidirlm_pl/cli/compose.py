@@ -25,7 +25,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bidirlm_pl.backbone.load import resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.export import atomic_folder
+from bidirlm_pl.core.yaml_files import read_yaml_mapping
+from bidirlm_pl.models.merging.engine import MergeSpec, merge
+from bidirlm_pl.models.merging.safetensors_io import Checkpoint
 from bidirlm_pl.models.omni.inputs import OMNI_CONFIG
 
 ROLES = ("text", "vision", "audio")
@@ -53,7 +58,6 @@ class OmniSpec:
     @classmethod
     def load(cls, path: str | Path, output: str | None = None, overwrite: bool = False) -> OmniSpec:
 
-        from bidirlm_pl.core.yaml_files import read_yaml_mapping
 
         path = Path(path)
         raw = read_yaml_mapping(path, "compose config", hint="see configs/omni/")
@@ -83,7 +87,6 @@ class OmniSpec:
 
 
 def _keys(folder: Path) -> set[str]:
-    from bidirlm_pl.models.merging.safetensors_io import Checkpoint
 
     return set(Checkpoint(folder).keys())
 
@@ -117,9 +120,6 @@ def _placeholder_ids(role: str, config: dict, tokenizer) -> dict[str, int]:
 def compose(spec: OmniSpec) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
-    from bidirlm_pl.backbone.load import resolve_model_path
-    from bidirlm_pl.core.export import atomic_folder
-    from bidirlm_pl.models.merging.engine import MergeSpec, merge
 
     roles = [r for r in ROLES if r in spec.sources]
     folders = {r: resolve_model_path(spec.sources[r].model) for r in roles}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.hub import push_folder, split_hub_id
+from bidirlm_pl.stages.checkpoint import export_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bidirlm_pl.core.hub import push_folder, split_hub_id
-    from bidirlm_pl.stages.checkpoint import export_checkpoint
 
     if args.push_to_hub is not None and (split_hub_id(args.push_to_hub) is None or "@" in args.push_to_hub):
         raise BidirLMError(f"--push-to-hub '{args.push_to_hub}' is not a hub repo id; expected 'org/name'")

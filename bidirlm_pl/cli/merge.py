@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 from pathlib import Path
 
+from bidirlm_pl.backbone.load import resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.yaml_files import read_yaml_mapping
 from bidirlm_pl.models.merging.engine import MergeSpec, merge
 from bidirlm_pl.models.merging.keymap import SHAPE_POLICIES, UNMATCHED_POLICIES
 from bidirlm_pl.models.merging.methods import METHODS
@@ -46,13 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_yaml_spec(path: str | Path) -> dict:
     """The MergeSpec fields of a YAML file; unknown keys are an error naming the key."""
 
-    from bidirlm_pl.core.yaml_files import read_yaml_mapping
 
     path = Path(path)
     values = read_yaml_mapping(path, "merge config", hint="see configs/merge/")
     unknown = sorted(set(values) - SPEC_FIELDS)
     if unknown:
-        import difflib
 
         close = difflib.get_close_matches(unknown[0], sorted(SPEC_FIELDS), n=1)
         hint = f"did you mean '{close[0]}'?" if close else "see `bidirlm merge --help` for the keys"
@@ -91,9 +92,7 @@ def spec_from_args(args: argparse.Namespace) -> MergeSpec:
 
 def report_paths(spec: MergeSpec) -> None:
     """Print every path the merge reads and writes, resolved (an asset name shows its cached folder)."""
-    from pathlib import Path
 
-    from bidirlm_pl.backbone.load import resolve_model_path
 
     for i, (model, weight) in enumerate(zip(spec.models, spec.weights)):
         print(f"model {i}: {model} -> {resolve_model_path(model).resolve()} (weight {weight})")

@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.export import atomic_folder
+from bidirlm_pl.data.omni import _read_wav, shape_image, tone
+from bidirlm_pl.models.omni.model import OmniEncoder
 
 
 def add_arguments(parser) -> None:
@@ -31,9 +34,6 @@ def main(args) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from bidirlm_pl.core.export import atomic_folder
-    from bidirlm_pl.data.omni import _read_wav, shape_image, tone
-    from bidirlm_pl.models.omni.model import OmniEncoder
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:  # before any model loads

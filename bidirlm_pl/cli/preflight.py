@@ -12,6 +12,7 @@ import os
 import torch
 
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.data.global_batches import per_rank_batch_size
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 
@@ -88,7 +89,6 @@ def check_batches(config, world: int | None) -> None:
     global_batch = _get(data, "global_batch_size")
     per_rank = _get(data, "batch_size")
     if global_batch is not None and world:
-        from bidirlm_pl.data.global_batches import per_rank_batch_size
 
         per_rank = per_rank_batch_size(int(per_rank or 1), int(global_batch), world)
     chunk = _get(model, "gradcache_chunk_size")

@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bidirlm_pl.models.merging.similarity import similarity
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", help="first model folder or offline asset name")
@@ -23,7 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bidirlm_pl.models.merging.similarity import similarity
 
     report = similarity(args.a, args.b, key_map_a=args.key_map_a, key_map_b=args.key_map_b, expert=args.expert)
     print(report.table())

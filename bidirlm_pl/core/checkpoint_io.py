@@ -16,10 +16,12 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.specs import BackboneSpec, LoraSpec, Schedule
 
 RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
 
@@ -101,7 +103,6 @@ def safe_torch_load(path: str | Path, *, mmap: bool = False):
     until touched)."""
     import torch
 
-    from bidirlm_pl.core.specs import BackboneSpec, LoraSpec, Schedule
 
     # the specs by their current names and by the names checkpoints of earlier versions recorded
     allowed = [Schedule, LoraSpec, BackboneSpec, (Schedule, "bidirlm_pl.stages.base.Schedule"),
@@ -133,7 +134,6 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def _load_sharded(folder: Path) -> dict:
     """A sharded (DCP) Lightning checkpoint consolidated into one dict in this process."""
-    import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

@@ -1,4 +1,5 @@
 """User-facing errors: each prints as one line naming the bad value and what was expected."""
+import importlib
 
 
 class BidirLMError(ValueError):
@@ -24,7 +25,6 @@ def first_line(err: BaseException, limit: int | None = None) -> str:
 
 def require(module: str, extra: str, purpose: str):
     """Import an optional module or raise a one-line MissingExtraError."""
-    import importlib
 
     try:
         return importlib.import_module(module)

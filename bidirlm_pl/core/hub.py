@@ -22,6 +22,7 @@ import functools
 import re
 from pathlib import Path
 
+from bidirlm_pl.core import assets
 from bidirlm_pl.core.errors import BidirLMError, first_line
 
 # What a model folder needs; pickled weights (*.bin, *.pt, *.pth, *.ckpt) never match.
@@ -60,7 +61,6 @@ def resolve_model_folder(reference: str | Path, *, what: str = "model path") -> 
 
     Raises a one-line :class:`BidirLMError` for a reference that is none of them.
     """
-    from bidirlm_pl.core import assets
 
     name = str(reference)
     if name in assets.ASSETS:

@@ -49,6 +49,7 @@ from bidirlm_pl.data.global_batches import (
 from bidirlm_pl.data.splits import held_out_size, held_out_split
 from bidirlm_pl.data.tokenizer import load_tokenizer
 from bidirlm_pl.data.validation import global_batch_shares, rank_loader
+from bidirlm_pl.models.encoder import prompt_length
 
 MODES = ("pairs", "simcse", "halves")
 
@@ -234,7 +235,6 @@ class PairCollator:
 
     def prefix_length(self, instruction: str | None) -> int:
         """Tokens of the instruction alone (with special tokens, as sentence-transformers counts a prompt)."""
-        from bidirlm_pl.models.encoder import prompt_length
 
         if instruction not in self._prefix_cache:
             self._prefix_cache[instruction] = prompt_length(self.tokenizer, instruction)

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from bidirlm_pl.core import assets
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.hub import load_dataset
 
@@ -129,7 +131,6 @@ KIND_FIELDS = {
 
 def given_fields(spec) -> dict:
     """The dataclass fields of ``spec`` whose values differ from their defaults."""
-    from dataclasses import MISSING, fields
 
     out = {}
     for f in fields(spec):
@@ -225,7 +226,6 @@ def _read_text_file(path: str, unit: str) -> list[str]:
     if unit == "file":
         return [text]
     if unit == "paragraph":
-        import re
 
         return [p.strip() for p in re.split(r"\n\s*\n", text)]
     return [line.strip() for line in text.splitlines()]
@@ -298,7 +298,6 @@ def open_source(spec: SourceSpec) -> TextSource:
     if spec.text_unit not in TEXT_UNITS:
         raise BidirLMError(f"source '{spec.name}': text_unit '{spec.text_unit}' is not one of {list(TEXT_UNITS)}")
     if kind in ("lee", "lee_documents"):
-        from bidirlm_pl.core import assets
 
         return TextSource(spec, docs=assets.lee_background() if kind == "lee" else assets.lee_documents())
     if kind == "text":

@@ -16,10 +16,21 @@ from lightning.pytorch.cli import OptimizerCallable
 from bidirlm_pl.backbone import attention
 from bidirlm_pl.backbone.load import check_backend, decoder_of, load_backbone, resolve_dtype
 from bidirlm_pl.backbone.trainable import apply_trainable
+from bidirlm_pl.callbacks.nonfinite import NonFiniteGuard
+from bidirlm_pl.core.distributed import full_state_dict, is_distributed
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.export import save_hf_folder
 from bidirlm_pl.core.hub import resolve_model_folder
+from bidirlm_pl.core.model_card import write_model_card
 from bidirlm_pl.core.specs import BackboneSpec, Schedule
+from bidirlm_pl.data.validation import is_padding
+from bidirlm_pl.stages.resume import (
+    RNG_KEY,
+    check_same_model,
+    collect_rng_states,
+    restore_rng_state,
+    rng_state_for_rank,
+)
 
 
 def default_optimizer(params):
@@ -193,7 +204,6 @@ class BackboneStage(L.LightningModule):
         Ranks see different numbers of masked/target tokens; without this, W processes x B rows would
         weight tokens differently from 1 process x W*B rows.
         """
-        from bidirlm_pl.core.distributed import is_distributed
 
         if not (self.training and torch.is_grad_enabled() and is_distributed()):
             return value
@@ -209,7 +219,6 @@ class BackboneStage(L.LightningModule):
 
     def _evaluate(self, batch, prefix: str) -> torch.Tensor:
         """Log the step's values, weighted by rows (a rank's filler batch weighs 0: data/validation.py)."""
-        from bidirlm_pl.data.validation import is_padding
 
         weight = 0 if is_padding(batch) else self.batch_size_of(batch)
         out = self.step(batch)
@@ -219,7 +228,6 @@ class BackboneStage(L.LightningModule):
 
     def configure_callbacks(self):
         """Every stage stops on a NaN/inf loss before the update, unless the config sets its own guard."""
-        from bidirlm_pl.callbacks.nonfinite import NonFiniteGuard
 
         if self._trainer is not None and any(isinstance(c, NonFiniteGuard) for c in self.trainer.callbacks):
             return []
@@ -227,12 +235,10 @@ class BackboneStage(L.LightningModule):
 
     # ------------------------------------------------------------------ exact resume (see stages/resume.py)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from bidirlm_pl.stages.resume import RNG_KEY, collect_rng_states
 
         checkpoint[RNG_KEY] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from bidirlm_pl.stages.resume import RNG_KEY, check_same_model, rng_state_for_rank
 
         if "state_dict" in checkpoint:
             self.configure_model()
@@ -251,7 +257,6 @@ class BackboneStage(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         state = getattr(self, "_rng_to_restore", None)
         if state is not None:  # first batch after a resume: continue the interrupted run's random draws
-            from bidirlm_pl.stages.resume import restore_rng_state
 
             restore_rng_state(state)
             self._rng_to_restore = None
@@ -274,7 +279,6 @@ class BackboneStage(L.LightningModule):
         """Unsharded backbone weights (LoRA merged). Collective under FSDP2: call it on every rank."""
         if self.device_mesh is None:
             return None  # save_hf_folder reads the model directly
-        from bidirlm_pl.core.distributed import full_state_dict
 
         state = full_state_dict(self.backbone)
         # a tied output layer is one parameter: keep its first name only, as save_pretrained does
@@ -296,7 +300,6 @@ class BackboneStage(L.LightningModule):
     card_loader = "transformers"  # how the card says to load the export (UBMoE: "ubmoe")
 
     def _export_files(self, folder: Path) -> None:
-        from bidirlm_pl.core.model_card import write_model_card
 
         self.export_extra(folder)
         trainer = self._trainer

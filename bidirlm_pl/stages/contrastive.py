@@ -24,10 +24,12 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from bidirlm_pl.backbone import attention
+from bidirlm_pl.core.distributed import full_state_dict
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.specs import BackboneSpec, Schedule
 from bidirlm_pl.losses.contrastive import GradCache, InfoNCE
 from bidirlm_pl.losses.grad_sync import ReplaySync
+from bidirlm_pl.models.encoder import write_encoder_files
 from bidirlm_pl.models.pooling import Pooling
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 
@@ -246,7 +248,6 @@ class ContrastiveStage(ContrastiveCore, BackboneStage):
         self._latent_state = None
         if self.pooler is not None and self.pooler.latent is not None and self.device_mesh is not None:
             # FSDP2 shards the latent pooler too: gather its full weights on every rank (collective)
-            from bidirlm_pl.core.distributed import full_state_dict
 
             full = full_state_dict(self.pooler)
             self._latent_state = {k[len("latent."):]: v for k, v in full.items() if k.startswith("latent.")}
@@ -254,7 +255,6 @@ class ContrastiveStage(ContrastiveCore, BackboneStage):
 
     def export_extra(self, folder: Path) -> None:
         """Sentence-Transformers modules (Transformer, Pooling, Normalize) and our encoder config."""
-        from bidirlm_pl.models.encoder import write_encoder_files
 
         hidden = self.backbone.config.get_text_config().hidden_size
         write_encoder_files(

@@ -22,8 +22,10 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from bidirlm_pl.core import assets
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.specs import BackboneSpec, Schedule
+from bidirlm_pl.data.validation import is_padding
 from bidirlm_pl.models.merging.engine import MergeSpec, merge, plan
 from bidirlm_pl.models.pooling import Pooling
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
@@ -31,7 +33,6 @@ from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 
 def merge_cache_folder(spec: MergeSpec, cache: str | None) -> Path:
     """A folder named by a hash of what determines the merged weights."""
-    from bidirlm_pl.core import assets
 
     identity = {k: v for k, v in vars(spec).items() if k not in ("output", "overwrite", "block_elements")}
     identity["models"] = [str(Path(m).expanduser().resolve()) if Path(m).expanduser().exists() else m
@@ -140,7 +141,6 @@ class MergeStage(BackboneStage):
         return {"loss": loss, "accuracy": accuracy}
 
     def validation_step(self, batch, batch_idx):
-        from bidirlm_pl.data.validation import is_padding
 
         padding = is_padding(batch)  # a rank's filler batch (data/validation.py): computed, not counted
         logits_BC = self.logits(batch)
@@ -163,7 +163,6 @@ class MergeStage(BackboneStage):
         self.log_dict({"val/best_f1": summary["best_f1"], "val/steps_to_target": float(summary["steps_to_target"])})
 
     def test_step(self, batch, batch_idx):
-        from bidirlm_pl.data.validation import is_padding
 
         weight = 0 if is_padding(batch) else len(batch["labels"])
         out = self.step(batch)

@@ -16,6 +16,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.specs import BackboneSpec, Schedule
+from bidirlm_pl.data.validation import is_padding
 from bidirlm_pl.losses.token import final_logit_softcap, mntp_loss
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 
@@ -57,7 +58,6 @@ class MNTPStage(BackboneStage):
                 "accuracy": self.global_token_mean(out.accuracy, out.count)}
 
     def _evaluate(self, batch: dict, prefix: str) -> torch.Tensor:
-        from bidirlm_pl.data.validation import is_padding
 
         padding = is_padding(batch)
         out = self.mntp(batch)

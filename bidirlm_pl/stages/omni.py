@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from bidirlm_pl.backbone.load import resolve_model_path
 from bidirlm_pl.backbone.trainable import apply_trainable
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.export import atomic_folder
 from bidirlm_pl.core.specs import BackboneSpec, Schedule
 from bidirlm_pl.models.omni.inputs import OMNI_CONFIG, load_record
+from bidirlm_pl.models.omni.model import OmniEncoder
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 from bidirlm_pl.stages.contrastive import ContrastiveCore, ContrastiveOutput
 
@@ -33,7 +36,6 @@ def save_omni(encoder, source: Path, target: str | Path, *, provenance: dict | N
     """Write ``encoder`` (trained backbone + its towers) as an omni folder, staged and renamed into place."""
     from safetensors.torch import save_file
 
-    from bidirlm_pl.core.export import atomic_folder
 
     record = load_record(source)
     prefixes = [(record["vision"]["towers"][0], encoder.visual)] if encoder.visual is not None else []
@@ -78,7 +80,6 @@ class OmniContrastiveStage(ContrastiveCore, BackboneStage):
                               gather_across_devices=gather_across_devices)
 
     def build_model(self):
-        from bidirlm_pl.models.omni.model import OmniEncoder
 
         encoder = OmniEncoder.from_folder(self.model_path, dtype=self.dtype_name,
                                           attn_implementation=self.attn_implementation)
@@ -102,7 +103,6 @@ class OmniContrastiveStage(ContrastiveCore, BackboneStage):
         return {f"loss_{batch['modality']}": result.loss.detach()}
 
     def export_hf(self, target: str | Path, *, overwrite: bool = True) -> Path:
-        from bidirlm_pl.backbone.load import resolve_model_path
 
         if self._trainer is None or self.trainer.is_global_zero:
             steps = int(self.trainer.global_step) if self._trainer is not None else 0

@@ -13,11 +13,13 @@ Lightning restores weights, optimizer, learning-rate scheduler, loop counters an
 from __future__ import annotations
 
 import random
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bidirlm_pl.core.checkpoint_io import LIGHTNING_META, safe_torch_load
 from bidirlm_pl.core.distributed import is_distributed
 from bidirlm_pl.core.errors import BidirLMError
 
@@ -83,7 +85,6 @@ def check_same_model(saved: dict, current: dict[str, torch.Tensor], *, saved_mod
 
 def _saved_hparams(ckpt_path: Path) -> dict:
     """Hyperparameters of a Lightning checkpoint file or sharded checkpoint folder ({} if unreadable)."""
-    from bidirlm_pl.core.checkpoint_io import LIGHTNING_META, safe_torch_load
 
     source = ckpt_path / LIGHTNING_META if ckpt_path.is_dir() else ckpt_path
     if not source.is_file():
@@ -153,7 +154,6 @@ def _check_same_stage_and_model(hparams: dict, model, ckpt_path) -> None:
 
 def _flat(value, prefix: str = "") -> dict:
     """Nested dicts / dataclasses / Namespaces as ``{"a.b": leaf}``."""
-    from dataclasses import asdict, is_dataclass
 
     if hasattr(value, "as_dict"):
         value = value.as_dict()

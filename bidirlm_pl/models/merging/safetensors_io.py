@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.hub import resolve_model_folder
 
 if sys.byteorder != "little":
     raise BidirLMError("this host is big-endian; the streaming safetensors writer needs a little-endian host")
@@ -58,7 +59,6 @@ def parse_size(size: int | str) -> int:
 def resolve_folder(name_or_path: str | Path) -> Path:
     """A local model folder for an asset name, a local folder or a hub id (as ``backbone.resolve_model_path``,
     without importing transformers, which would cost seconds and hundreds of MB in a merge process)."""
-    from bidirlm_pl.core.hub import resolve_model_folder
 
     return resolve_model_folder(name_or_path, what="model folder")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bidirlm_pl.backbone.load import resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
 
 AUDIO_RATE = 16000
@@ -48,7 +49,6 @@ class OmniInputs:
     def from_folder(cls, folder: str | Path) -> OmniInputs:
         from transformers import AutoTokenizer
 
-        from bidirlm_pl.backbone.load import resolve_model_path
 
         folder = resolve_model_path(str(folder))
         record = load_record(folder)

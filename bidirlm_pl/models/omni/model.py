@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from bidirlm_pl.backbone import attention
+from bidirlm_pl.backbone.load import load_backbone, resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.models.merging.safetensors_io import Checkpoint
 from bidirlm_pl.models.omni.inputs import OmniInputs, load_record
 
 
 def _load_prefixed(module: nn.Module, folder: Path, prefix: str, what: str) -> None:
-    from bidirlm_pl.models.merging.safetensors_io import Checkpoint
 
     ckpt = Checkpoint(folder)
     state = {key[len(prefix):]: ckpt.read(key) for key in ckpt.keys() if key.startswith(prefix)}
@@ -69,7 +70,6 @@ class OmniEncoder(nn.Module):
     def from_folder(cls, folder: str | Path, *, dtype: str = "float32", attn_implementation: str = "sdpa"):
         from transformers.utils import logging as hf_logging
 
-        from bidirlm_pl.backbone.load import load_backbone, resolve_model_path
 
         folder = resolve_model_path(str(folder))
         record = load_record(folder)
