@@ -112,6 +112,7 @@ def test_every_module_imports_first_in_a_fresh_process():
         "    except ImportError as err:\n        failed.append(f'{name}: {err}')\n"
         "print('\\n'.join(failed))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600,
+                            check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == ""

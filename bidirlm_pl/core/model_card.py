@@ -8,6 +8,7 @@ contrastive in order.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bidirlm_pl.core.hub import split_hub_id
@@ -32,17 +33,23 @@ def stage_history(model_folder: str | Path | None) -> list[dict]:
 def write_model_card(folder: Path, *, name: str, model: str, model_folder: Path | None, stage: str, steps: int | None,
                      data: list[dict], encoder: bool, loader: str = "transformers",
                      compare: dict | None = None) -> Path:
-    """Write ``folder/README.md``; ``name`` is the folder's final name, ``model`` what the stage trained from."""
+    """Write ``folder/README.md``; ``name`` is the folder's final name, ``model`` what the stage trained from.
+
+    ``loader="task"``: a fine-tuned task model; the card reads the folder's ``bidirlm_task.json`` (task, labels,
+    metric and scores, how it loads).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     history = stage_history(model_folder) + [{"stage": stage, "model": str(model), "steps": steps, "data": data}]
     origin = history[0]["model"]
+    task = _task_info(folder) if loader == "task" else None
     card_data = ModelCardData(
         base_model=origin if split_hub_id(origin) else None,
         library_name="sentence-transformers" if encoder else "transformers",
-        pipeline_tag="feature-extraction" if encoder else None,
+        pipeline_tag="feature-extraction" if encoder else (task or {}).get("pipeline_tag"),
         tags=["bidirlm-pl", "bidirectional", *(["sentence-transformers"] if encoder else [])],
         bidirlm_stages=history,
+        **({"bidirlm_task": {k: task.get(k) for k in ("task", "pooling", "labels", "metric", "scores")}} if task else {}),
     )
     intro = (f"Trained with bidirlm-pl from `{origin}`: the base decoder with bidirectional attention "
              "(`\"is_causal\": false` in `config.json`), adapted by these stages:")
@@ -53,7 +60,12 @@ def write_model_card(folder: Path, *, name: str, model: str, model_folder: Path 
         lines.append(f"{i}. `{step['stage']}` from `{step['model']}`, {step['steps'] or 0} steps; data: {sources}")
     if compare:
         lines += ["", "## Last comparison", "", *(f"- {k}: {v}" for k, v in compare.items())]
+    if task:
+        lines += _task_lines(task)
     lines += ["", "## Load it", "", "```python"]
+    if task:
+        lines += _task_loading(task, name)
+        return _save(ModelCard, card_data, lines, folder)
     if loader == "ubmoe":
         lines += ["from bidirlm_pl.moe import load_ubmoe, mode  # a UBMoE folder: expert FFNs under mlp.experts",
                   f'model, tokenizer = load_ubmoe("{name}")', "```", ""]
@@ -66,6 +78,58 @@ def write_model_card(folder: Path, *, name: str, model: str, model_folder: Path 
               f'model = AutoModel.from_pretrained("{name}")  # bidirectional: config.is_causal is false',
               f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", ""]
     return _save(ModelCard, card_data, lines, folder)
+
+
+TASK_NAMES = {"sequence": "sequence classification", "pair": "sequence-pair classification",
+              "regression": "regression", "token": "token classification", "qa": "extractive question answering"}
+
+
+def _task_info(folder: Path) -> dict:
+    path = Path(folder) / "bidirlm_task.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _task_lines(task: dict) -> list[str]:
+    """The task, its labels and its metric (with the fit's scores) in the card."""
+    labels = task.get("labels") or []
+    shown = ", ".join(f"`{label}`" for label in labels[:40]) + (" ..." if len(labels) > 40 else "")
+    scores = task.get("scores") or {}
+    values = "; ".join(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s.items()) if isinstance(v, float))
+                       for split, s in scores.items() if s)
+    pooling = f", {task.get('pooling')} pooling" if task.get("task") in ("sequence", "pair", "regression") else ""
+    name = TASK_NAMES.get(task.get("task"), task.get("task"))
+    lines = ["", "## Task", "", f"- task: {name} (`{task.get('task')}`{pooling})"]
+    if labels:
+        lines.append(f"- labels ({len(labels)}): {shown}")
+    lines.append(f"- metric: {task.get('metric')}" + (f" ({values})" if values else ""))
+    return lines
+
+
+def _task_loading(task: dict, name: str) -> list[str]:
+    """How the card says to load a task model: transformers' class and pipeline, or our loader."""
+    kind = task.get("task")
+    if not task.get("native"):
+        head = f"{task.get('pooling')}-pooled" if kind in ("sequence", "pair", "regression") else kind
+        note = ("This head is not a transformers class (its pooling or architecture has none): "
+                "`AutoModelFor...` would add a new, untrained head instead of this one.")
+        return ["from bidirlm_pl.models.heads import load_task_model  # no remote code; see bidirlm_task.json",
+                f'model = load_task_model("{name}")  # the bidirectional decoder and its {head} head', "```", "",
+                note, ""]
+    auto = task.get("loader", "").rpartition(".")[2]
+    lines = [f"from transformers import {auto}, AutoTokenizer" + (", pipeline" if kind != "qa" else ""),
+             f'model = {auto}.from_pretrained("{name}")  # bidirectional: config.is_causal is false',
+             f'tokenizer = AutoTokenizer.from_pretrained("{name}")']
+    if kind == "qa":  # transformers 5.3 removed the question-answering pipeline
+        lines += ["from bidirlm_pl.models.heads import answer_question",
+                  'answer_question(model, tokenizer, "Who lives in Sydney?", "Ann lives in Sydney.")']
+    elif kind == "pair":
+        lines += ['classify = pipeline("text-classification", model=model, tokenizer=tokenizer)',
+                  'classify({"text": "A man plays.", "text_pair": "Someone plays."})']
+    else:
+        pipe = "token-classification" if kind == "token" else "text-classification"
+        extra = ', function_to_apply="none"' if kind == "regression" else ""
+        lines += [f'classify = pipeline("{pipe}", model=model, tokenizer=tokenizer)', f'classify("A sentence."{extra})']
+    return lines + ["```", ""]
 
 
 def _save(card_class, card_data, lines: list[str], folder: Path) -> Path:

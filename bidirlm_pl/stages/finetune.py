@@ -1,0 +1,364 @@
+"""FinetuneStage: fine-tune a (bidirectional) decoder on one labelled task, exported as a head transformers loads.
+
+Tasks: ``sequence`` (classification of one text), ``pair`` (of a text pair: NLI, paraphrase), ``regression``
+(a score), ``token`` (POS, NER with BIO tags) and ``qa`` (extractive answer spans). Batches come from
+:class:`bidirlm_pl.data.tasks.LabelledTaskData`; the head is built by :mod:`bidirlm_pl.models.heads`, whose rule
+decides the export: ``pooling: last`` (the default) trains transformers' own ``...ForSequenceClassification``
+(it pools the last non-pad token), so the folder loads with ``AutoModelForSequenceClassification`` and
+``pipeline()``; ``mean`` / ``first`` (the paper's mean pooling) and heads transformers lacks (Gemma3 token
+classification and QA) load with ``bidirlm_pl.models.heads.load_task_model``.
+
+Defaults follow BidirLM App. D: bidirectional attention, AdamW (betas 0.9/0.95, eps 1e-5, weight decay 0.1),
+10% warmup then linear decay, batch 32 (the data module's). Validation logs the task's metrics (torchmetrics:
+accuracy and macro-F1, Spearman and Pearson; entity F1 of BIO tags; SQuAD exact match and F1) as ``val/<name>``,
+and ``val/metric`` for the one named by ``metric``. At the end of the fit the best checkpoint of the config's
+``ModelCheckpoint(monitor=...)`` is restored, the test split is scored (``test/<name>``, printed, written to
+``bidirlm_task.json``) and the export carries those weights.
+
+    bidirlm fit --config configs/finetune/tiny-sequence.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric, PearsonCorrCoef, SpearmanCorrCoef, SumMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from bidirlm_pl.backbone.load import apply_lora, load_backbone
+from bidirlm_pl.backbone.trainable import apply_trainable
+from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.export import plain_state_dict, save_hf_folder
+from bidirlm_pl.core.specs import BackboneSpec, Schedule
+from bidirlm_pl.data.validation import is_padding
+from bidirlm_pl.evaluation.task_metrics import (
+    entity_counts,
+    f1_from_counts,
+    is_bio,
+    squad_exact_match,
+    squad_f1,
+)
+from bidirlm_pl.models.heads import (
+    HEAD_PREFIX,
+    TaskHeadModel,
+    TaskInfo,
+    best_spans,
+    build_task_model,
+    check_task,
+    head_parameters,
+    is_native,
+    prepare_tokenizer,
+    span_text,
+    write_task_files,
+)
+from bidirlm_pl.stages.base import BackboneStage, default_optimizer
+
+IGNORE = -100
+METRICS = {"sequence": ("accuracy", "f1"), "pair": ("accuracy", "f1"), "regression": ("spearman", "pearson"),
+           "token": ("accuracy", "entity_f1"), "qa": ("f1", "exact_match")}
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+class FinetuneStage(BackboneStage):
+    """Fine-tuning on a labelled task with a transformers-loadable head.
+
+    Args (besides :class:`BackboneStage`'s; ``backbone.head`` is decided by the task):
+        task: ``sequence``, ``pair``, ``regression``, ``token`` or ``qa``.
+        pooling: ``last`` (transformers' native sequence classifier), ``mean`` or ``first`` (our head);
+            sequence tasks only.
+        (``backbone.trainable`` may name ``head``: with no decoder group, only the head trains, a linear probe.)
+        labels: the label list in id order (default: the data's ClassLabel names, else the sorted labels found);
+            a data label outside an explicit list is an error.
+        metric: the validation metric that ``val/metric`` repeats (default: accuracy for sequence and pair,
+            spearman for regression, entity_f1 for BIO tags else accuracy for token, f1 for qa).
+        max_answer_tokens: the longest answer span (tokens) QA decoding considers.
+        restore_best: at the end of the fit, load the best checkpoint of the ``ModelCheckpoint`` that monitors a
+            metric (the export and the test scores then come from it).
+        test_after_fit: score the test split at the end of the fit.
+    """
+
+    fixed_head = "base"  # the task head is built on the bare decoder (models/heads.py)
+
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        task: str = "sequence",
+        pooling: str = "last",
+        labels: list[str] | None = None,
+        metric: str | None = None,
+        max_answer_tokens: int = 30,
+        restore_best: bool = True,
+        test_after_fit: bool = True,
+        optimizer: OptimizerCallable = default_optimizer,
+        schedule: Schedule | None = None,
+    ):
+        check_task(task, pooling)
+        if pooling != "last" and task in ("token", "qa"):
+            raise BidirLMError(f"pooling '{pooling}' applies to sequence tasks; task '{task}' has none (use last)")
+        if metric is not None and metric not in METRICS[task]:
+            raise BidirLMError(f"metric '{metric}' is not one of task '{task}''s {list(METRICS[task])}")
+        if max_answer_tokens < 1:
+            raise BidirLMError(f"max_answer_tokens {max_answer_tokens} must be at least 1")
+        super().__init__(backbone, optimizer=optimizer, schedule=schedule or Schedule(name="linear", warmup=0.1))
+        self.task, self.pooling, self.labels = task, pooling, list(labels) if labels is not None else None
+        self.metric_name = metric
+        self.max_answer_tokens = max_answer_tokens
+        self.restore_best, self.test_after_fit = restore_best, test_after_fit
+        self.label_names: list[str] | None = None
+        self.metrics = None
+        self.scores: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ model
+    def _datamodule(self):
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def resolve_labels(self) -> list[str] | None:
+        """The label names: the data module's (which checked the data against ``labels``), else ``labels``."""
+        data = self._datamodule()
+        names = getattr(data, "label_names", None)
+        if names is None and data is not None and hasattr(data, "read") and self.task not in ("qa", "regression"):
+            data.read()
+            names = data.label_names
+        names = names if names is not None else self.labels
+        if self.task not in ("qa", "regression") and not names:
+            raise BidirLMError(f"task '{self.task}' needs its labels: set model.init_args.labels or train with "
+                               "bidirlm_pl.data.tasks.LabelledTaskData")
+        if self.task == "qa":
+            return None
+        return list(names) if names else None
+
+    def main_metric(self) -> str:
+        if self.metric_name is not None:
+            return self.metric_name
+        if self.task == "token":
+            return "entity_f1" if is_bio(self.label_names or []) else "accuracy"
+        return METRICS[self.task][0]
+
+    def build_model(self):
+        base, tokenizer = load_backbone(
+            self.model_path, attn_implementation=self.attn_implementation, dtype=self.dtype_name,
+            bidirectional=self.bidirectional, head="base", lora=None)
+        prepare_tokenizer(tokenizer, self.task)
+        model = build_task_model(base, self.task, labels=self.label_names, pooling=self.pooling,
+                                 pad_token_id=tokenizer.pad_token_id)
+        if self.lora is not None:
+            model = apply_lora(model, self.lora)
+        return model, tokenizer
+
+    def configure_model(self):
+        if self.backbone is not None:
+            return
+        if self.label_names is None:
+            self.label_names = self.resolve_labels()
+        if self.task == "token" and self.metric_name == "entity_f1" and not is_bio(self.label_names):
+            raise BidirLMError(f"metric entity_f1 needs BIO tags (O, B-X, I-X); labels are {self.label_names[:6]}")
+        self.hparams["labels"] = self.label_names  # a checkpoint rebuilds the same head (bidirlm export)
+        super().configure_model()
+        self.metrics = nn.ModuleDict({prefix: self._new_metrics() for prefix in ("val", "test")})
+
+    def apply_groups(self) -> dict[str, int]:
+        """The ``trainable`` groups of the decoder, and the task head always (``[head]`` alone: a frozen decoder)."""
+        groups = [g for g in self.trainable if g != "head"]
+        if groups:
+            counts = apply_trainable(self.backbone, groups)
+        else:
+            counts = {}
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+        head = head_parameters(self.backbone)
+        for p in head:
+            p.requires_grad_(True)
+        counts["head"] = sum(p.numel() for p in head)
+        return counts
+
+    def _new_metrics(self) -> nn.ModuleDict:
+        n = len(self.label_names or [])
+        if self.task in ("sequence", "pair"):
+            return nn.ModuleDict({"accuracy": MulticlassAccuracy(n, average="micro"),
+                                  "f1": MulticlassF1Score(n, average="macro")})
+        if self.task == "regression":
+            return nn.ModuleDict({"spearman": SpearmanCorrCoef(), "pearson": PearsonCorrCoef()})
+        if self.task == "token":
+            return nn.ModuleDict({"accuracy": MulticlassAccuracy(n, average="micro", ignore_index=IGNORE),
+                                  "tp": SumMetric(), "n_pred": SumMetric(), "n_gold": SumMetric()})
+        return nn.ModuleDict({"exact_match": MeanMetric(), "f1": MeanMetric()})
+
+    # ------------------------------------------------------------------ steps
+    def forward_batch(self, batch: dict):
+        kwargs = self.model_kwargs(batch)
+        if not is_native(_inner(self.backbone)):
+            kwargs["pool_mask"] = batch["attention_mask"]
+        return self.backbone(**kwargs)
+
+    def loss(self, out, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task loss and the count it averages over (rows, or labelled tokens)."""
+        if self.task == "qa":
+            start = F.cross_entropy(out.start_logits.float(), batch["start_positions"], ignore_index=IGNORE)
+            end = F.cross_entropy(out.end_logits.float(), batch["end_positions"], ignore_index=IGNORE)
+            count = (batch["start_positions"] != IGNORE).sum()
+            loss = (start + end) / 2 if int(count) else out.start_logits.sum() * 0.0
+            return loss, count
+        logits = out.logits.float()
+        if self.task == "regression":
+            return F.mse_loss(logits.squeeze(-1), batch["labels"].float()), batch["labels"].new_tensor(len(logits))
+        if self.task == "token":
+            count = (batch["labels"] != IGNORE).sum()
+            loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE) if int(count) \
+                else logits.sum() * 0.0
+            return loss, count
+        return F.cross_entropy(logits, batch["labels"]), batch["labels"].new_tensor(len(logits))
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        loss, count = self.loss(self.forward_batch(batch), batch)
+        if self.task == "token":  # several processes: the mean over every rank's labelled tokens
+            loss = self.global_token_mean(loss, count)
+        return {"loss": loss}
+
+    def _evaluate(self, batch: dict, prefix: str, log: bool = True) -> torch.Tensor:
+        padding = is_padding(batch)  # a rank's filler batch (data/validation.py): computed, not counted
+        out = self.forward_batch(batch)
+        loss, count = self.loss(out, batch)
+        if not padding:
+            self.update_metrics(self.metrics[prefix], out, batch)
+        if log:
+            weight = 0 if padding else max(1, int(count))
+            self.log(f"{prefix}/loss", loss, batch_size=weight, sync_dist=True, prog_bar=prefix == "val")
+        return loss
+
+    def update_metrics(self, metrics: nn.ModuleDict, out, batch: dict) -> None:
+        if self.task in ("sequence", "pair"):
+            predicted = out.logits.argmax(-1)
+            metrics["accuracy"].update(predicted, batch["labels"])
+            metrics["f1"].update(predicted, batch["labels"])
+        elif self.task == "regression":
+            predicted = out.logits.float().squeeze(-1)
+            metrics["spearman"].update(predicted, batch["labels"].float())
+            metrics["pearson"].update(predicted, batch["labels"].float())
+        elif self.task == "token":
+            word_index, gold = batch["word_index"], batch["word_labels"]
+            predicted = out.logits.argmax(-1).gather(1, word_index.clamp(min=0))
+            predicted = torch.where(word_index >= 0, predicted, torch.full_like(predicted, IGNORE))
+            metrics["accuracy"].update(predicted, gold)
+            names = self.label_names
+            gold_tags = [[names[y] for y in row if y != IGNORE] for row in gold.tolist()]
+            predicted_tags = [[names[p] for p, y in zip(prow, grow) if y != IGNORE]
+                              for prow, grow in zip(predicted.tolist(), gold.tolist())]
+            tp, n_pred, n_gold = entity_counts(gold_tags, predicted_tags) if is_bio(names) else (0, 0, 0)
+            metrics["tp"].update(tp)
+            metrics["n_pred"].update(n_pred)
+            metrics["n_gold"].update(n_gold)
+        else:
+            start, end = best_spans(out.start_logits, out.end_logits, batch["context_mask"], self.max_answer_tokens)
+            for i, (s, e) in enumerate(zip(start.tolist(), end.tolist())):
+                text = span_text(batch["contexts"][i], batch["offsets"][i], s, e)
+                metrics["exact_match"].update(squad_exact_match(text, batch["answers"][i]))
+                metrics["f1"].update(squad_f1(text, batch["answers"][i]))
+
+    def compute_metrics(self, metrics: nn.ModuleDict) -> dict[str, float]:
+        """Epoch values (synced over processes by torchmetrics), then reset."""
+        if self.task == "token":
+            values = {"accuracy": float(metrics["accuracy"].compute())}
+            if is_bio(self.label_names):
+                counts = [float(metrics[k].compute()) for k in ("tp", "n_pred", "n_gold")]
+                values["entity_f1"] = f1_from_counts(*counts)
+        else:
+            values = {name: float(metric.compute()) for name, metric in metrics.items()}
+        for metric in metrics.values():
+            metric.reset()
+        values["metric"] = values.get(self.main_metric(), float("nan"))
+        return values
+
+    def validation_step(self, batch, batch_idx):
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self):
+        values = self.compute_metrics(self.metrics["val"])
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True)
+
+    def on_test_epoch_end(self):
+        values = self.compute_metrics(self.metrics["test"])
+        self.log_dict({f"test/{k}": v for k, v in values.items()})
+        self.scores["test"] = values
+
+    # ------------------------------------------------------------------ end of the fit
+    def monitored_checkpoint(self):
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_model_path:
+                return callback
+        return None
+
+    def on_train_end(self):
+        """Restore the best monitored checkpoint, then score the test split with it (before any export)."""
+        callback = self.monitored_checkpoint() if self.restore_best else None
+        if callback is not None and Path(callback.best_model_path).exists():
+            checkpoint = self.trainer.strategy.load_checkpoint(callback.best_model_path)
+            self.trainer.strategy.load_model_state_dict(checkpoint)
+            score = float(callback.best_model_score) if callback.best_model_score is not None else float("nan")
+            self.scores["validation"] = {callback.monitor: score}
+            rank_zero_info(f"restored the best checkpoint by {callback.monitor} ({score:.4f}): {callback.best_model_path}")
+        data = self._datamodule()
+        if self.test_after_fit and data is not None and hasattr(data, "test_dataloader"):
+            self.scores["test"] = self.run_test(data.test_dataloader())
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in self.scores["test"].items())
+            rank_zero_info(f"test ({self.task}): {shown}")
+            for logger in self.trainer.loggers:
+                logger.log_metrics({f"test/{k}": v for k, v in self.scores["test"].items()}, step=self.global_step)
+
+    @torch.no_grad()
+    def run_test(self, loader) -> dict[str, float]:
+        """Score batches with the current weights (the test loop's computation, outside a Lightning loop)."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            for batch in loader:
+                batch = self.trainer.strategy.batch_to_device(batch) if self._trainer is not None else batch
+                self._evaluate(batch, "test", log=False)
+            return self.compute_metrics(self.metrics["test"])
+        finally:
+            self.backbone.train(was_training)
+
+    # ------------------------------------------------------------------ export
+    card_loader = "task"  # the card reads bidirlm_task.json (core/model_card.py)
+
+    def task_info(self) -> TaskInfo:
+        data = self._datamodule()
+        return TaskInfo(task=self.task, pooling=self.pooling, labels=self.label_names, metric=self.main_metric(),
+                        native=is_native(_inner(self.backbone)), max_length=getattr(data, "max_length", None),
+                        scores=self.scores)
+
+    def export_hf(self, target: str | Path, *, overwrite: bool = True) -> Path:
+        """transformers' head class: the whole model (``super``). Our head: the bare decoder's folder, and the head
+        under ``bidirlm_head.*`` in ``task_head.safetensors`` (see ``models/heads.py``)."""
+        max_length = getattr(self._datamodule(), "max_length", None)
+        if max_length:
+            self.tokenizer.model_max_length = int(max_length)  # pipelines truncate as training did
+        inner = _inner(self.backbone)
+        if not isinstance(inner, TaskHeadModel):
+            return super().export_hf(target, overwrite=overwrite)
+        state = self.full_state_dict()  # collective under FSDP2
+        if self._trainer is None or self.trainer.is_global_zero:
+            if state is None:
+                state = plain_state_dict(self.backbone)
+            self._export_name = Path(target).name
+            self._head_state = {HEAD_PREFIX + k[len("head."):]: v.detach().cpu().contiguous()
+                                for k, v in state.items() if k.startswith("head.")}
+            decoder = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            save_hf_folder(inner.model, self.tokenizer, target, overwrite=overwrite, extra=self._export_files,
+                           state_dict=decoder)
+        return Path(target)
+
+    def export_extra(self, folder: Path) -> None:
+        """``bidirlm_task.json`` (and ``task_head.safetensors`` for our heads); the card reads them."""
+        write_task_files(self.backbone, folder, self.task_info(), head_state=getattr(self, "_head_state", None))
