@@ -117,6 +117,9 @@ def test_tiny_ablation_recipe_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert all(m["mean_embedding_score"] is not None for m in report["models"])
     assert (report_dir / "report.png").stat().st_size > 1000
     assert "| bi+mntp+merge+con | bidirectional |" in (report_dir / "report.md").read_text()
+    finetune = json.loads((Path(outputs["compare-finetune"]) / "report.json").read_text())
+    assert [m["name"] for m in finetune["models"]] == ["base", "bi+base", "bi+mntp", "bi+con", "bi+mntp+con"]
+    assert all(m["mean_finetune_score"] is not None for m in finetune["models"])
 
 
 @pytest.mark.parametrize("truncate_newest", [False, True])

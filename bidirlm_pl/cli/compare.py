@@ -10,7 +10,8 @@ def add_arguments(parser) -> None:
                         "UBMoE@ROUTING (soft, top1, forced0, forced1) evaluates a UBMoE folder with one routing")
     parser.add_argument("--names", nargs="+", help="a display name per model")
     parser.add_argument("--attention", nargs="+", choices=["bidirectional", "causal"],
-                        help="embedding attention per model (default: bidirectional for all)")
+                        help="embedding attention per model, also the attention finetune tasks train with "
+                        "(causal: last-token pooling); default: bidirectional for all")
     parser.add_argument("--config", help="evaluation suite YAML (configs/compare/*.yaml; default: the default suite)")
     parser.add_argument("--output", help="folder for report.json, report.md and report.png")
     parser.add_argument("--max-length", type=int, help="tokens per text for every task (overrides the suite)")

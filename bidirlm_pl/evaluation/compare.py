@@ -3,9 +3,11 @@
 Every model folder (plain, MNTP-adapted, merged, contrastive, UBMoE) runs the evaluation suite of
 ``--config`` (``configs/compare/*.yaml``; default: ``configs/compare/default.yaml``'s tasks):
 generation (causal perplexity, greedy continuations, cloze accuracy), embeddings (STS Spearman,
-retrieval Recall@1/@10 and nDCG@10, linear-probe accuracy, clustering V-measure) and attention
-dependence. Writes ``report.json``, ``report.md`` and ``report.png`` (mean embedding score against
-perplexity) atomically into ``--output`` and prints the table.
+retrieval Recall@1/@10 and nDCG@10, linear-probe accuracy, clustering V-measure), attention
+dependence and the fine-tuning axis (``finetune``: a fresh head fine-tuned per model, the test metric of the
+best learning rate; ``frozen_token``: a linear head on frozen token states). Writes ``report.json``,
+``report.md`` and ``report.png`` (mean embedding score against perplexity) atomically into ``--output`` and
+prints the table.
 
     bidirlm compare gemma3-270m gemma3-270m runs/quickstart/contrastive/hf \
         --names base bi-base contrastive --attention causal bidirectional bidirectional --output runs/compare
@@ -31,7 +33,14 @@ from bidirlm_pl.backbone.load import resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.export import atomic_folder
 from bidirlm_pl.evaluation.harness import safe_name
-from bidirlm_pl.evaluation.suite import MAIN_METRIC, ModelSpec, check_data, evaluate, load_suite
+from bidirlm_pl.evaluation.suite import (
+    MAIN_METRIC,
+    ModelSpec,
+    check_data,
+    check_finetune_models,
+    evaluate,
+    load_suite,
+)
 from bidirlm_pl.moe.modes import split_routing
 
 
@@ -51,13 +60,18 @@ def _cell(task, values: dict | None) -> str:
         return f"{values['recall@1']:.3f} / {values['recall@10']:.3f} / {values['ndcg@10']:.3f}"
     if task.kind == "dependence":
         return f"{values['dp_before']:.1f} / {values['dp_main']:.1f} / {values['dp_after']:.1f}"
+    if task.kind in ("finetune", "frozen_token"):
+        lr = values.get("learning_rate")
+        shown = f"{values['metric']:.4f} {values['metric_name']}"
+        return shown + (f" (lr {lr:g})" if lr is not None and len(values.get("runs", [])) > 1 else "")
     return f"{values[MAIN_METRIC[task.kind]]:.4f}"
 
 
 HEADERS = {"perplexity": "perplexity (lower is better)", "multiple_choice": "cloze accuracy",
            "sts": "STS Spearman", "retrieval": "R@1 / R@10 / nDCG@10", "classification": "probe accuracy",
            "clustering": "V-measure", "dependence": "DP before / main / after %",
-           "mteb": "MTEB main score (mean)", "lm_eval": "lm-eval headline (mean)"}
+           "mteb": "MTEB main score (mean)", "lm_eval": "lm-eval headline (mean)",
+           "finetune": "fine-tuned, test", "frozen_token": "frozen-token probe, test"}
 
 
 def markdown(results, suite) -> str:
@@ -66,13 +80,17 @@ def markdown(results, suite) -> str:
     head = ["model", "embedding attention"] + [f"{t.name}: {HEADERS[t.kind]}" for t in tasks]
     if suite.embedding_tasks:
         head.append("mean embedding score")
+    if suite.finetune_tasks:
+        head.append("mean fine-tuning score")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for r in results:
         cells = [r.name, r.attention] + [_cell(t, r.results.get(t.name)) for t in tasks]
-        if suite.embedding_tasks:
-            score = r.mean_embedding_score(suite)
-            cells.append("-" if score is None else f"{score:.4f}")
+        for present, score in ((suite.embedding_tasks, r.mean_embedding_score(suite)),
+                               (suite.finetune_tasks, r.mean_finetune_score(suite))):
+            if present:
+                cells.append("-" if score is None else f"{score:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += finetune_notes(results, suite)
     lines += domain_table(results, suite)
     for t in suite.tasks:
         if t.kind != "continuation":
@@ -84,6 +102,29 @@ def markdown(results, suite) -> str:
                 text = r.results[t.name]["texts"][i].replace("|", "/").replace("\n", " ")
                 lines.append(f"| {r.name} | {text} |")
     return "\n".join(lines) + "\n"
+
+
+def finetune_notes(results, suite) -> list[str]:
+    """How the fine-tuning columns were measured: budget, seed and the learning rate each model's best run used."""
+    tasks = [t for t in suite.tasks if t.kind == "finetune"]
+    if not tasks or not results:
+        return []
+    intro = ("Fine-tuning (a fresh head per model, the same seed and budget for every model; the test metric of the "
+             "run with the best validation score):")
+    head = "| task | steps | seed | learning rates | " + " | ".join(f"{r.name}: lr (validation)" for r in results)
+    lines = ["", intro, "", head + " |", "|---|---:|---:|---|" + "---|" * len(results)]
+    for t in tasks:
+        first = next((r.results.get(t.name) for r in results if r.results.get(t.name)), {}) or {}
+        grid = ", ".join(f"{run['learning_rate']:g}" for run in first.get("runs", []) if run["learning_rate"] is not None)
+        cells = []
+        for r in results:
+            values = r.results.get(t.name)
+            lr = values.get("learning_rate") if values else None
+            cells.append("-" if not values else f"{lr:g} ({values['validation']:.4f})" if lr is not None
+                         else f"config ({values['validation']:.4f})")
+        steps = t.steps if t.steps is not None else "config"
+        lines.append(f"| {t.name} | {steps} | {t.seed} | {grid or 'config'} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def domain_table(results, suite) -> list[str]:
@@ -157,6 +198,7 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
         suite.max_length = max_length
     for p in paths:
         resolve_model_path(split_routing(p)[0])  # fail on a bad path before any slow evaluation
+    check_finetune_models(suite, paths)
     check_data(suite)
     if output and Path(output).exists() and not overwrite:
         raise BidirLMError(f"output folder '{output}' already exists; pass --overwrite to replace it")
@@ -169,10 +211,11 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
     if output:
         with atomic_folder(output, overwrite=overwrite) as staging:
             report = {"suite": suite.name, "max_length": suite.max_length,
-                      "tasks": [asdict(t) | {"source": t.source if t.kind != "continuation" else None}
-                                for t in suite.tasks],
+                      "tasks": [asdict(t) | {"source": t.source_name if t.kind != "continuation" else None,
+                                             "source_block": t.source} for t in suite.tasks],
                       "models": [{k: v for k, v in asdict(r).items() if k != "artifacts"}
-                                 | {"mean_embedding_score": r.mean_embedding_score(suite)} for r in results]}
+                                 | {"mean_embedding_score": r.mean_embedding_score(suite),
+                                    "mean_finetune_score": r.mean_finetune_score(suite)} for r in results]}
             (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             (staging / "report.md").write_text(table)
             for r in results:  # the harnesses' own outputs, beside the report
@@ -180,7 +223,8 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
                     target = staging / Path(name).parent / f"{safe_name(r.name)}-{Path(name).name}"
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_text(text)
-            if not plot(results, suite, staging / "report.png"):
+            plotted = plot(results, suite, staging / "report.png")
+            if not plotted:
                 print("no plot: the suite needs a perplexity task and an embedding task")
-        print(f"report written to {output}/report.md, report.json, report.png")
+        print(f"report written to {output}/report.md, report.json" + (", report.png" if plotted else ""))
     return results
