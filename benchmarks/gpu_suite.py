@@ -1,4 +1,5 @@
-"""One command that measures every GPU target: correctness of the kernels, MNTP, contrastive, encode, UBMoE, DDP.
+"""One command that measures every GPU target: correctness of the kernels, MNTP, contrastive, encode, UBMoE, DDP,
+and the fine-tuning step against transformers' Trainer.
 
 Random weights of the real configs (Qwen3-0.6B, Gemma3-270M; no download). Each section runs in its own
 process under its own time limit, so a failure or a timeout is reported in its row and the other
@@ -11,7 +12,8 @@ sections still run. Writes ``gpu_suite.md`` (one table) and ``gpu_suite.json`` i
 
 Rows carry the device, torch, transformers and kernel versions. Targets (issue 9): MNTP on Qwen3-0.6B
 at 4 x 4096 >= 40% MFU; contrastive 64 x 512 <= 1.5 s per step; encoding >= 2x sentence-transformers;
-UBMoE stage 2 fits 80 GB. A target row says "met" only when this run measured it on a GPU.
+UBMoE stage 2 fits 80 GB; the token-classification step no slower than transformers' Trainer (issue 31).
+A target row says "met" only when this run measured it on a GPU.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTIONS = ("correctness", "mntp", "contrastive", "encode", "ubmoe", "ddp")
-# seconds per section on a GPU, process start-up included: 7.5 min in all on one GPU, where ddp returns at
+SECTIONS = ("correctness", "mntp", "contrastive", "encode", "ubmoe", "ddp", "finetune")
+# --tiny runs these by default: the six that tests/test_gpu_suite.py pins; the finetune section's CPU twin is
+# tests/test_benchmarks_finetune.py (`--sections finetune`)
+TINY_SECTIONS = SECTIONS[:6]
+# seconds per section on a GPU, process start-up included: 8.5 min in all on one GPU, where ddp returns at
 # once (its 90 s are only spent on a host with 2+ GPUs)
-LIMITS = {"correctness": 60, "mntp": 200, "contrastive": 75, "encode": 45, "ubmoe": 75, "ddp": 90}
+LIMITS = {"correctness": 60, "mntp": 200, "contrastive": 75, "encode": 45, "ubmoe": 75, "ddp": 90, "finetune": 75}
 TINY_LIMITS = {name: 300 for name in SECTIONS}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s
 
@@ -372,12 +377,37 @@ def ddp(args) -> list[dict]:
     return rows
 
 
+def finetune(args) -> list[dict]:
+    """Token-classification step: FinetuneStage through `bidirlm fit` vs transformers' Trainer on
+    AutoModelForTokenClassification, same model, rows, precision and AdamW (benchmarks/finetune_step.py)."""
+    from finetune_step import measure, parse_args
+
+    if args.tiny:
+        argv = ["--model", "tiny-qwen3", "--batch", "4", "--length", "32", "--steps", "2", "--warmup", "1",
+                "--repeats", "1"]
+    else:
+        argv = ["--model", "random:qwen3-0.6b", "--batch", "16", "--length", "512", "--steps", "10", "--warmup", "3",
+                "--repeats", "2"]
+    argv += ["--device", args.device]
+    if args.device == "cuda":  # as the GPU configs train: fp32 master weights, bf16 autocast, fused AdamW
+        argv += ["--precision", "bf16-mixed", "--fused"]
+    result = measure(parse_args(argv))
+    row = {k: result[k] for k in ("model", "precision", "batch", "length", "steps", "warmup", "repeats", "fused")}
+    for side in ("ours", "trainer"):
+        row[f"{side}_s_per_step"] = round(result["median"][side], 5)
+        if result["peak_gb"][side] is not None:
+            row[f"{side}_peak_gb"] = round(result["peak_gb"][side], 2)
+    row["ratio_ours_over_trainer"] = round(result["ratio"], 3)
+    row["not_slower"] = result["ratio"] <= 1.0 if args.device == "cuda" else "n/a (CPU plumbing run)"
+    return [row]
+
+
 def _rounded(result: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
 
 
 RUNNERS = {"correctness": correctness, "mntp": mntp, "contrastive": contrastive, "encode": encode, "ubmoe": ubmoe,
-           "ddp": ddp}
+           "ddp": ddp, "finetune": finetune}
 
 
 # ------------------------------------------------------------------ driver
@@ -456,11 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (the CPU smoke run the tests use)")
     parser.add_argument("--output", default=os.environ.get("OUT", "gpu_suite_out"), help="report folder ($OUT)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None,
+                        help="default: every section (with --tiny: the first six)")
     parser.add_argument("--limit", type=float, default=None, help="seconds per section (overrides the defaults)")
     parser.add_argument("--run-section", choices=SECTIONS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.sections is None:
+        args.sections = list(TINY_SECTIONS if args.tiny else SECTIONS)
     if args.device is None:
         import torch
 
