@@ -7,9 +7,9 @@ checkpoint IO, the preemption callback, the non-finite guard), with ``--model``,
 ``--precision`` and the device swapped in, no validation, no test after the fit, no logger, progress bar or
 checkpoint. The peer: ``transformers.Trainer`` on ``AutoModelForTokenClassification`` of the same folder (loaded
 with ``is_causal=False``, so both sides run the same bidirectional computation), ``DataCollatorForTokenClassification``,
-the same optimizer (``adamw_torch`` = ``torch.optim.AdamW``; ``--fused`` makes both fused), hyperparameters and
-schedule, the same precision and gradient clipping (``--clip``, off by default as in the config), no eval,
-logging or saving, dataloader workers 0.
+the same optimizer (``adamw_torch`` = ``torch.optim.AdamW``; ``--fused`` makes both fused; ``--trainer-optim``
+sets the Trainer's alone), hyperparameters and schedule, the same precision and gradient clipping (``--clip``,
+off by default as in the config), no eval, logging or saving, dataloader workers 0.
 
 Data: the same token-labelled rows on both sides. Lee background text cut into windows of ``--length`` words
 (cyclic), each word with a seeded random BIO tag over 4 entity types (9 labels), written as JSONL and read by
@@ -24,10 +24,14 @@ framework's hooks, warm-up steps left out. ``--repeats`` rounds alternate the or
 Trainer first, ...); prints each side's median and mean seconds per step over all timed steps, and the ratio
 of medians (ours / Trainer; goal <= 1, i.e. not slower).
 
-    python benchmarks/finetune_step.py                                    # tiny-qwen3, CPU, fp32
-    python benchmarks/finetune_step.py --model random:qwen3-0.6b --batch 4 --length 128 --steps 6 --repeats 2
-    python benchmarks/finetune_step.py --model random:qwen3-0.6b --device cuda --precision bf16-mixed \
-        --batch 16 --length 512 --steps 20 --repeats 2
+    python benchmarks/finetune_step.py --repeats 4                        # tiny-qwen3, CPU, fp32, 15 s
+    python benchmarks/finetune_step.py --model random:qwen3-0.6b --batch 2 --length 64 --steps 2 --warmup 1 --fused
+    # ours as the finetune configs ship (torch.optim.AdamW) vs the Trainer's default optimizer (fused)
+    python benchmarks/finetune_step.py --model random:qwen3-0.6b --batch 2 --length 64 --steps 2 --warmup 1 \\
+        --trainer-optim adamw_torch_fused
+    # GPU (bf16-mixed by default there), as the GPU suite's finetune section runs it
+    python benchmarks/finetune_step.py --model random:qwen3-0.6b --device cuda --fused --batch 16 --length 512 \\
+        --steps 10
 """
 
 from __future__ import annotations
@@ -48,7 +52,19 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from transformers import TrainerCallback
+from transformers import (
+    AutoConfig,
+    AutoModelForTokenClassification,
+    DataCollatorForTokenClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from bidirlm_pl.cli.fit import run_lightning
+from bidirlm_pl.core import assets
+from bidirlm_pl.core.hub import resolve_model_folder
+from bidirlm_pl.data.tasks import LabelledTaskData
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))  # the Lightning side names StepClock by its module path
@@ -90,8 +106,6 @@ class TrainerStepClock(TrainerCallback):
 
 def token_rows(n: int, length: int, seed: int = 0) -> list[dict]:
     """``n`` rows of ``length`` Lee words (cyclic windows) with seeded random BIO tags: ``{"tokens", "tags"}``."""
-    from bidirlm_pl.core import assets
-
     words = " ".join(assets.lee_background()).split()
     rng = random.Random(seed)
     rows = []
@@ -154,8 +168,6 @@ def ours_config(args, source: dict, root: str) -> dict:
 
 
 def run_ours(args, source: dict) -> dict:
-    from bidirlm_pl.cli.fit import run_lightning
-
     with tempfile.TemporaryDirectory() as root:
         path = Path(root) / "config.yaml"
         path.write_text(yaml.safe_dump(ours_config(args, source, root)))
@@ -174,8 +186,6 @@ def run_ours(args, source: dict) -> dict:
 
 def encoded_rows(args, source: dict):
     """The training rows as LabelledTaskData encodes them for ours (input_ids, labels), and its tokenizer."""
-    from bidirlm_pl.data.tasks import LabelledTaskData
-
     data = LabelledTaskData(source, tokenizer=args.model, task="token", labels=TAGS, max_length=args.length,
                             batch_size=args.batch)
     data.setup("fit")
@@ -184,16 +194,6 @@ def encoded_rows(args, source: dict):
 
 
 def run_trainer(args, rows: list[dict], tokenizer) -> dict:
-    from transformers import (
-        AutoConfig,
-        AutoModelForTokenClassification,
-        DataCollatorForTokenClassification,
-        Trainer,
-        TrainingArguments,
-    )
-
-    from bidirlm_pl.core.hub import resolve_model_folder
-
     optimizer = yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["optimizer"]["init_args"]
     folder = resolve_model_folder(args.model)
     config = AutoConfig.from_pretrained(folder, num_labels=len(TAGS), id2label=dict(enumerate(TAGS)),
