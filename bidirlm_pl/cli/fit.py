@@ -7,6 +7,7 @@ config before any class is built: default loggers, atomic checkpoint writes, pre
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 from pathlib import Path
@@ -140,10 +141,12 @@ def run_lightning(argv: list[str] | None, *, export_dir: str | None = None) -> B
     check_config_files(sys.argv[1:] if argv is None else argv)
     count = run_lock.held()
     try:
-        return BidirLMCLI(
-            BackboneStage, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
-            seed_everything_default=0, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-            export_dir=export_dir,
+        # jsonargparse keeps parse state in context variables (the instantiated classes among it): a fresh
+        # context per run lets the previous stage's model be freed when `bidirlm run` starts the next one.
+        return contextvars.copy_context().run(
+            BidirLMCLI, BackboneStage, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            args=argv, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False, export_dir=export_dir,
         )
     finally:
         run_lock.release_since(count)  # the fit's own lock; an enclosing `bidirlm run` keeps its own
