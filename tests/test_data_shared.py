@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from bidirlm_pl.core.errors import BidirLMError
-from bidirlm_pl.data.labelled import LabelledTextDataModule
 from bidirlm_pl.data.omni import OmniPairsData, OmniSource
 from bidirlm_pl.data.pairs import PairsDataModule, PairSource
 from bidirlm_pl.data.sources import SourceSpec
+from bidirlm_pl.data.tasks import LabelledTaskData
 from bidirlm_pl.data.text_module import TextDataModule
 from bidirlm_pl.data.tokenizer import load_tokenizer
 from bidirlm_pl.moe.data import UBMoEPairsData, UBMoETextData
@@ -22,7 +22,7 @@ def test_every_data_module_names_its_sources_in_sources():
         "pairs": PairsDataModule(sources=[PairSource(name="nli", path="nli.jsonl", weight=2.0)]),
         "ubmoe1": UBMoEPairsData(source=SourceSpec("docs", path="docs.txt")),
         "ubmoe2": UBMoETextData(),
-        "labelled": LabelledTextDataModule(source="jsonl", path="labels.jsonl"),
+        "labelled": LabelledTaskData({"kind": "jsonl", "path": "labels.jsonl"}),
         "omni": OmniPairsData(sources=[OmniSource(name="shapes", kind="shapes")]),
     }
     assert {name: data_sources(dm) for name, dm in modules.items()} == {
@@ -30,7 +30,7 @@ def test_every_data_module_names_its_sources_in_sources():
         "pairs": [{"name": "nli", "path": "nli.jsonl", "weight": 2.0}],
         "ubmoe1": [{"name": "simcse", "path": "docs.txt", "weight": 1.0}],  # the documents it reads, not Lee
         "ubmoe2": [{"name": "lee", "kind": "lee", "weight": 1.0}],
-        "labelled": [{"name": "jsonl", "kind": "jsonl", "path": "labels.jsonl"}],
+        "labelled": [{"kind": "jsonl", "path": "labels.jsonl"}],
         "omni": [{"name": "shapes", "kind": "shapes", "weight": 1.0}],
     }
 
@@ -40,7 +40,7 @@ def test_every_data_module_names_its_sources_in_sources():
     lambda: PairsDataModule(sources=[PairSource(name="s", mode="simcse", kind="lee")]).setup("fit"),
     lambda: UBMoEPairsData().setup("fit"),
     lambda: UBMoETextData().setup("fit"),
-    lambda: LabelledTextDataModule().setup("fit"),
+    lambda: LabelledTaskData({"kind": "pang_lee_polarity"}, task="sequence").setup("fit"),
 ])
 def test_every_data_module_loads_its_tokenizer_through_the_one_loader(make):
     with pytest.raises(BidirLMError, match=r"^\w+ needs 'tokenizer' \(a model folder, asset or hub id; the CLI links"):

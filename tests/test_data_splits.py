@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from bidirlm_pl.core import assets
-from bidirlm_pl.data.labelled import pang_lee_polarity, stratified_split
 from bidirlm_pl.data.pairs import PairsDataModule, load_rows
-from bidirlm_pl.data.splits import held_out_size, held_out_split
+from bidirlm_pl.data.splits import held_out_size, held_out_split, stratified_split
+from bidirlm_pl.data.task_readers import pang_lee_polarity
 from bidirlm_pl.data.text_module import TextDataModule
 from bidirlm_pl.moe.data import split_documents
 

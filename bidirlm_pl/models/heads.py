@@ -128,6 +128,12 @@ class TaskHeadModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs):
         self.model.gradient_checkpointing_enable(**kwargs)
 
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return None  # a task head, not a vocabulary projection
+
     def get_decoder(self):
         decoder = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
         return decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder

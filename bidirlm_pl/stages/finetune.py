@@ -15,11 +15,24 @@ and ``val/metric`` for the one named by ``metric``. At the end of the fit the be
 ``ModelCheckpoint(monitor=...)`` is restored, the test split is scored (``test/<name>``, printed, written to
 ``bidirlm_task.json``) and the export carries those weights.
 
+Convergence: every validation also logs ``val/best_metric`` and ``val/steps_to_target``, the first step whose
+``metric`` reached ``target_fraction`` (93%) of the best so far; the history is written to
+``<log_dir>/convergence.json`` at the end of the fit.
+
+Merge, then fine-tune (BidirLM's specialist transfer): with ``merge_with``, the backbone is ``backbone.model``
+merged with those models (``merge_weights``, ``merge_method``...) by the streaming engine, once, into a cache
+folder named by a hash of the merge (``models/merging/cache.py``), and reused by later runs; the same weights as
+``bidirlm merge`` of the same models writes.
+
     bidirlm fit --config configs/finetune/tiny-sequence.yaml
+    bidirlm fit --config configs/merge/specialist-gemma3-270m.yaml --config configs/merge/specialist-tiny.yaml
 """
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -57,6 +70,8 @@ from bidirlm_pl.models.heads import (
     span_text,
     write_task_files,
 )
+from bidirlm_pl.models.merging.cache import cached_merge, is_merged, merge_cache_folder
+from bidirlm_pl.models.merging.engine import RECORD_FILE, MergeSpec, plan
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 
 IGNORE = -100
@@ -66,6 +81,21 @@ METRICS = {"sequence": ("accuracy", "f1"), "pair": ("accuracy", "f1"), "regressi
 
 def _inner(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def steps_to_target(history: list[tuple[int, float]], fraction: float) -> int:
+    """The first step whose value reached ``fraction`` of the best value of ``history`` ((step, value) pairs in
+    step order, higher is better; NaN values are skipped); -1 without any value.
+
+    >>> steps_to_target([(5, 0.5), (10, 0.9), (15, 1.0)], 0.9)
+    10
+    """
+    values = [(step, value) for step, value in history if not math.isnan(value)]
+    if not values:
+        return -1
+    best = max(value for _, value in values)
+    target = fraction * best if best > 0 else best  # a best at or below 0 (a correlation) must be reached itself
+    return next(step for step, value in values if value >= target)
 
 
 class FinetuneStage(BackboneStage):
@@ -84,6 +114,13 @@ class FinetuneStage(BackboneStage):
         restore_best: at the end of the fit, load the best checkpoint of the ``ModelCheckpoint`` that monitors a
             metric (the export and the test scores then come from it).
         test_after_fit: score the test split at the end of the fit.
+        target_fraction: ``val/steps_to_target`` is the first step whose ``metric`` reached this fraction of its best.
+        merge_with: models to merge ``backbone.model`` with before fine-tuning (empty: no merge).
+        merge_weights: one per model, ``backbone.model`` first (default equal weights).
+        merge_method: ``linear``, ``slerp``, ``task_arithmetic`` or ``ties`` (the last two need ``merge_base``).
+        merge_base: the common ancestor for ``task_arithmetic`` and ``ties``.
+        merge_key_maps: per-model prefix renames into the shared backbone (``MergeSpec.key_maps``).
+        merge_cache: where merged folders are kept (default ``<asset cache>/merges``).
     """
 
     fixed_head = "base"  # the task head is built on the bare decoder (models/heads.py)
@@ -98,6 +135,13 @@ class FinetuneStage(BackboneStage):
         max_answer_tokens: int = 30,
         restore_best: bool = True,
         test_after_fit: bool = True,
+        target_fraction: float = 0.93,
+        merge_with: list[str] | None = None,
+        merge_weights: list[float] | None = None,
+        merge_method: str = "linear",
+        merge_base: str | None = None,
+        merge_key_maps: list[dict[str, str] | None] | None = None,
+        merge_cache: str | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
     ):
@@ -108,7 +152,21 @@ class FinetuneStage(BackboneStage):
             raise BidirLMError(f"metric '{metric}' is not one of task '{task}''s {list(METRICS[task])}")
         if max_answer_tokens < 1:
             raise BidirLMError(f"max_answer_tokens {max_answer_tokens} must be at least 1")
+        if not 0.0 < target_fraction <= 1.0:
+            raise BidirLMError(f"target_fraction {target_fraction} is not in (0, 1]")
+        if not merge_with and merge_weights is not None:
+            raise BidirLMError("merge_weights given but merge_with is empty; list the models to merge with")
         super().__init__(backbone, optimizer=optimizer, schedule=schedule or Schedule(name="linear", warmup=0.1))
+        self.merge_spec: MergeSpec | None = None
+        if merge_with:
+            models = [self.model_path, *merge_with]
+            weights = list(merge_weights) if merge_weights is not None else [1.0] * len(models)
+            self.merge_spec = MergeSpec(models=models, weights=weights, output="", method=merge_method,
+                                        base=merge_base, key_maps=merge_key_maps, overwrite=True)
+            self.merge_spec.output = str(merge_cache_folder(self.merge_spec, merge_cache))
+            plan(self.merge_spec)  # every merge mistake surfaces here, before any training
+        self.target_fraction = target_fraction
+        self.history: list[dict] = []  # one row per validation: the step and the val/ values
         self.task, self.pooling, self.labels = task, pooling, list(labels) if labels is not None else None
         self.metric_name = metric
         self.max_answer_tokens = max_answer_tokens
@@ -143,9 +201,33 @@ class FinetuneStage(BackboneStage):
             return "entity_f1" if is_bio(self.label_names or []) else "accuracy"
         return METRICS[self.task][0]
 
+    def merged_model_path(self) -> str:
+        """The folder the backbone loads: ``backbone.model``, or its merge with ``merge_with`` (run once, cached).
+
+        Several processes: rank 0 merges while the others wait; then a node that does not see that folder (a
+        cache on a disk of its own) merges on its local rank 0. Never two writers of one folder.
+        """
+        spec = self.merge_spec
+        if spec is None:
+            return self.model_path
+        trainer = self._trainer
+        if trainer is None or trainer.is_global_zero:
+            self._merge(spec)
+        if trainer is not None:
+            trainer.strategy.barrier("merge_with")
+            if trainer.local_rank == 0 and not trainer.is_global_zero and not is_merged(spec.output):
+                self._merge(spec)
+            trainer.strategy.barrier("merge_with_node")
+        return spec.output
+
+    @staticmethod
+    def _merge(spec: MergeSpec) -> None:
+        report = cached_merge(spec)
+        rank_zero_info(report.summary() if report is not None else f"reusing the merged backbone {spec.output}")
+
     def build_model(self):
         base, tokenizer = load_backbone(
-            self.model_path, attn_implementation=self.attn_implementation, dtype=self.dtype_name,
+            self.merged_model_path(), attn_implementation=self.attn_implementation, dtype=self.dtype_name,
             bidirectional=self.bidirectional, head="base", lora=None)
         prepare_tokenizer(tokenizer, self.task)
         model = build_task_model(base, self.task, labels=self.label_names, pooling=self.pooling,
@@ -286,6 +368,26 @@ class FinetuneStage(BackboneStage):
     def on_validation_epoch_end(self):
         values = self.compute_metrics(self.metrics["val"])
         self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        self.history.append({"step": int(self.trainer.global_step), **values})
+        summary = self.convergence()
+        self.log_dict({"val/best_metric": summary["best"], "val/steps_to_target": float(summary["steps_to_target"])})
+
+    def convergence(self) -> dict:
+        """The best validation ``metric`` so far, the first step that reached ``target_fraction`` of it, the history."""
+        scores = [(row["step"], row["metric"]) for row in self.history]
+        best = max((v for _, v in scores if not math.isnan(v)), default=float("nan"))
+        return {"metric": self.main_metric(), "best": best, "target_fraction": self.target_fraction,
+                "steps_to_target": steps_to_target(scores, self.target_fraction), "history": self.history}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["convergence_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.history = list(checkpoint.get("convergence_history", []))  # a resumed run continues the history
 
     def on_test_epoch_end(self):
         values = self.compute_metrics(self.metrics["test"])
@@ -293,6 +395,13 @@ class FinetuneStage(BackboneStage):
         self.scores["test"] = values
 
     # ------------------------------------------------------------------ end of the fit
+    def on_fit_end(self):
+        """``<log_dir>/convergence.json``: the history of the validations and the step that reached the target."""
+        folder = self.trainer.log_dir  # a broadcast from rank 0: every rank asks
+        if self.trainer.is_global_zero and folder and self.history:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "convergence.json").write_text(json.dumps(self.convergence(), indent=2) + "\n")
+
     def monitored_checkpoint(self):
         for callback in self.trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_model_path:
@@ -362,3 +471,5 @@ class FinetuneStage(BackboneStage):
     def export_extra(self, folder: Path) -> None:
         """``bidirlm_task.json`` (and ``task_head.safetensors`` for our heads); the card reads them."""
         write_task_files(self.backbone, folder, self.task_info(), head_state=getattr(self, "_head_state", None))
+        if self.merge_spec is not None and is_merged(self.merge_spec.output):  # what the backbone started from
+            shutil.copy2(Path(self.merge_spec.output) / RECORD_FILE, folder / RECORD_FILE)
