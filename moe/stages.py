@@ -134,8 +134,8 @@ class UBMoEStage1(ContrastiveCore, _UBMoEStage):
         routing: routing while training (``forced1``: every token through expert 1).
         gather_across_devices: under DDP/FSDP, every rank's embeddings join the InfoNCE candidates
             (N processes x B pairs then train as 1 process x N*B pairs).
-        symmetric, false_negative_margin, gradcache_chunk_size: as the contrastive stage's
-            (:class:`bidirlm_pl.stages.contrastive.ContrastiveCore`).
+        symmetric, false_negative_margin, gradcache_chunk_size, matryoshka_dims, matryoshka_weights: as the
+            contrastive stage's (:class:`bidirlm_pl.stages.contrastive.ContrastiveCore`).
         Other arguments as :class:`BackboneStage`.
 
     Embeddings are mean-pooled (instruction tokens excluded); each step also logs ``accuracy``, the share
@@ -158,11 +158,14 @@ class UBMoEStage1(ContrastiveCore, _UBMoEStage):
         symmetric: bool = False,
         false_negative_margin: float | None = None,
         gradcache_chunk_size: int | None = None,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
     ):
         super().__init__(backbone, ubmoe=ubmoe, routing=routing, optimizer=optimizer, schedule=schedule)
         self.init_contrastive(temperature=temperature, symmetric=symmetric, false_negative_margin=false_negative_margin,
                               gather_across_devices=gather_across_devices, gradcache_chunk_size=gradcache_chunk_size,
-                              attention_dropout=attention_dropout)
+                              attention_dropout=attention_dropout, matryoshka_dims=matryoshka_dims,
+                              matryoshka_weights=matryoshka_weights)
         self.pooler = Pooling("mean")
 
     def step_metrics(self, batch: dict, result: ContrastiveOutput) -> dict[str, torch.Tensor]:

@@ -16,9 +16,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", help="folder for report.json, report.md and report.png")
     parser.add_argument("--max-length", type=int, help="tokens per text for every task (overrides the suite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--dims", nargs="+", type=int, metavar="D",
+                        help="also score the embedding tasks on the first D dimensions of each embedding, "
+                        "re-normalised (Matryoshka sizes; overrides the suite's dims)")
 
 
 def main(args) -> int:
     compare(args.models, args.names, attention=args.attention, config=args.config, output=args.output,
-            max_length=args.max_length, overwrite=args.overwrite)
+            max_length=args.max_length, overwrite=args.overwrite, dims=args.dims)
     return 0

@@ -14,9 +14,11 @@ prints the table.
     bidirlm compare gemma3-270m runs/ubmoe/stage2/hf@forced1 runs/ubmoe/stage2/hf   # naive bi-FFN vs UBMoE
 
 Each model embeds as its folder was exported (pooling, normalisation, query prompt on queries, token limit;
-``suite.model_embedder``); a plain or UBMoE folder mean-pools without prompt. ``--attention`` sets each
+``embedding.model_embedder``); a plain or UBMoE folder mean-pools without prompt. ``--attention`` sets each
 model's embedding attention (``bidirectional``, the default, or ``causal``: the base model used as a
-decoder with mean pooling). A UBMoE folder runs generation tasks in its ``generate`` mode (its
+decoder with mean pooling). ``--dims 64 128 256`` (or the suite's ``dims``) also scores every embedding task
+on the first d dimensions of the same embeddings, re-normalised (a Matryoshka model's truncated sizes): one
+row per model and size in a table of its own, ``dims`` in ``report.json``. A UBMoE folder runs generation tasks in its ``generate`` mode (its
 learned routing) and bidirectional embeddings in its ``embed`` mode; ``FOLDER@ROUTING`` uses one routing
 for both (``@forced1``: the bidirectional FFN fine-tune without router, ``@forced0``: the original
 model exactly).
@@ -32,6 +34,7 @@ from pathlib import Path
 from bidirlm_pl.backbone.load import resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.export import atomic_folder
+from bidirlm_pl.evaluation.embedding import check_dims
 from bidirlm_pl.evaluation.harness import safe_name
 from bidirlm_pl.evaluation.suite import (
     MAIN_METRIC,
@@ -90,6 +93,7 @@ def markdown(results, suite) -> str:
             if present:
                 cells.append("-" if score is None else f"{score:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += dims_table(results, suite)
     lines += finetune_notes(results, suite)
     lines += domain_table(results, suite)
     for t in suite.tasks:
@@ -102,6 +106,23 @@ def markdown(results, suite) -> str:
                 text = r.results[t.name]["texts"][i].replace("|", "/").replace("\n", " ")
                 lines.append(f"| {r.name} | {text} |")
     return "\n".join(lines) + "\n"
+
+
+def dims_table(results, suite) -> list[str]:
+    """The embedding tasks at each suite ``dims`` size (first d dimensions, re-normalised), beside the full size."""
+    if not suite.dims or not suite.embedding_tasks or not results:
+        return []
+    tasks = suite.embedding_tasks
+    head = ["model", "dimensions"] + [f"{t.name}: {HEADERS[t.kind]}" for t in tasks] + ["mean embedding score"]
+    lines = ["", "Embedding tasks at truncated sizes (the first d dimensions of each embedding, re-normalised):", "",
+             "| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
+    for r in results:
+        for dim in [None, *suite.dims]:
+            values = r.results if dim is None else r.dims.get(dim, {})
+            score = r.mean_embedding_score(suite, dim)
+            cells = [r.name, "full" if dim is None else str(dim)] + [_cell(t, values.get(t.name)) for t in tasks]
+            lines.append("| " + " | ".join(cells + ["-" if score is None else f"{score:.4f}"]) + " |")
+    return lines
 
 
 def finetune_notes(results, suite) -> list[str]:
@@ -184,8 +205,10 @@ def plot(results, suite, target: Path) -> bool:
 
 def compare(paths: list[str], names: list[str] | None = None, *, attention: list[str] | None = None,
             config: str | None = None, output: str | None = None, max_length: int | None = None,
-            overwrite: bool = False, progress: bool = True):
-    """Run the suite on every model; returns the per-model results (and writes the report to ``output``)."""
+            overwrite: bool = False, progress: bool = True, dims: list[int] | None = None):
+    """Run the suite on every model; returns the per-model results (and writes the report to ``output``).
+
+    ``dims`` (``--dims``) replaces the suite's ``dims``: embedding sizes to score the embedding tasks at too."""
     for option, values in (("--names", names), ("--attention", attention)):
         if values and len(values) != len(paths):
             raise BidirLMError(f"{option} has {len(values)} entries for {len(paths)} models; give one per model")
@@ -196,6 +219,10 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
     suite = load_suite(config)
     if max_length is not None:
         suite.max_length = max_length
+    if dims is not None:
+        suite.dims = check_dims(list(dims), "--dims")
+    if suite.dims and not suite.embedding_tasks:
+        raise BidirLMError(f"dims {suite.dims} score embedding tasks, and suite '{suite.name}' has none")
     for p in paths:
         resolve_model_path(split_routing(p)[0])  # fail on a bad path before any slow evaluation
     check_finetune_models(suite, paths)
@@ -210,12 +237,15 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
     print(table)
     if output:
         with atomic_folder(output, overwrite=overwrite) as staging:
-            report = {"suite": suite.name, "max_length": suite.max_length,
+            report = {"suite": suite.name, "max_length": suite.max_length, "dims": suite.dims,
                       "tasks": [asdict(t) | {"source": t.source_name if t.kind != "continuation" else None,
                                              "source_block": t.source} for t in suite.tasks],
                       "models": [{k: v for k, v in asdict(r).items() if k != "artifacts"}
                                  | {"mean_embedding_score": r.mean_embedding_score(suite),
-                                    "mean_finetune_score": r.mean_finetune_score(suite)} for r in results]}
+                                    "mean_finetune_score": r.mean_finetune_score(suite),
+                                    "mean_embedding_score_by_dim": {d: r.mean_embedding_score(suite, d)
+                                                                    for d in suite.dims or []}}
+                                 for r in results]}
             (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             (staging / "report.md").write_text(table)
             for r in results:  # the harnesses' own outputs, beside the report

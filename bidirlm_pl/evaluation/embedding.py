@@ -11,6 +11,9 @@ an exported folder's as it was exported, any other model with mean pooling.
 >>> lee_spearman(Encoder.from_pretrained("gemma3-270m"))  # doctest: +SKIP
 0.43...
 
+compare's embeddings (:class:`Embedder`, :func:`model_embedder`) live here too: a folder's Encoder, each text
+embedded once, and its Matryoshka sizes (``Embedder.truncated(d)``: the first d dimensions, re-normalised).
+
 scipy, mteb and datasets are imported where they are used: seconds each, for commands that may not need them.
 """
 
@@ -18,9 +21,41 @@ from __future__ import annotations
 
 import numpy as np
 
+from bidirlm_pl.backbone.load import resolve_model_path
 from bidirlm_pl.core import assets
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.evaluation.metrics import unit_rows
+from bidirlm_pl.models.encoder import Encoder, read_encoder_config
+from bidirlm_pl.moe.modes import split_routing
+
+
+def check_dims(dims, where: str = "dims") -> list[int] | None:
+    """Embedding sizes to score at (compare's ``dims``): distinct positive whole numbers, ascending; None when unset.
+
+    >>> check_dims([256, 64])
+    [64, 256]
+    """
+    if dims is None:
+        return None
+    if isinstance(dims, str) or not isinstance(dims, list | tuple) or not dims:
+        raise BidirLMError(f"{where} {dims!r} must be a list of embedding sizes, e.g. [64, 128, 256]")
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise BidirLMError(f"{where} entry {d!r} must be a positive whole number of dimensions")
+    if len(set(dims)) != len(dims):
+        raise BidirLMError(f"{where} {list(dims)} repeat a size; expected distinct sizes")
+    return sorted(dims)
+
+
+def truncate_rows(embeddings_ND, dim: int) -> np.ndarray:
+    """The first ``dim`` dimensions of every embedding, L2-normalised again (a Matryoshka embedding at size ``dim``).
+
+    >>> truncate_rows(np.array([[3.0, 4.0, 12.0]]), 2)
+    array([[0.6, 0.8]])
+    """
+    if not 1 <= dim <= embeddings_ND.shape[1]:
+        raise BidirLMError(f"embedding size {dim} is not in [1, {embeddings_ND.shape[1]}], the model's size")
+    return unit_rows(np.asarray(embeddings_ND)[:, :dim])
 
 
 def spearman(a, b) -> float:
@@ -56,6 +91,51 @@ def lee_spearman(encoder, batch_size: int = 8, n_docs: int = 50, **encode_kwargs
     predicted = pairwise_cosines(embeddings)
     assert predicted.shape == human.shape, (predicted.shape, human.shape)
     return spearman(predicted, human)
+
+
+class Embedder:
+    """compare's embeddings of one model: its :class:`Encoder`, each distinct (text, prompt, token limit) encoded
+    once (tasks share texts).
+
+    ``embed(texts, max_length, prompt_name=...)`` prepends the encoder's prompt of that name as
+    sentence-transformers does: ``"query"`` as ``encode_query``, ``"document"`` as ``encode_document``, None
+    as ``encode`` (the default prompt: none in our exports). Texts are cut at ``max_length`` or at the
+    model's own limit (``own_max_length``: None for a folder without one), whichever is shorter.
+    """
+
+    def __init__(self, encoder: Encoder, *, batch_size: int, own_max_length: int | None = None,
+                 dim: int | None = None):
+        self.encoder, self.batch_size, self.own_max_length = encoder, batch_size, own_max_length
+        self.cache: dict[tuple[str, str, int], np.ndarray] = {}
+        self.dim = dim
+
+    def truncated(self, dim: int) -> Embedder:
+        """This embedder at size ``dim``: the first ``dim`` dimensions, re-normalised (the cache is shared)."""
+        view = Embedder(self.encoder, batch_size=self.batch_size, own_max_length=self.own_max_length, dim=dim)
+        view.cache = self.cache
+        return view
+
+    def limit(self, max_length: int) -> int:
+        return max_length if self.own_max_length is None else min(max_length, self.own_max_length)
+
+    def __call__(self, texts: list[str], max_length: int, *, prompt_name: str | None = None) -> np.ndarray:
+        prompt = self.encoder.resolve_prompt(prompt_name=prompt_name) or ""
+        limit = self.limit(max_length)
+        todo = list(dict.fromkeys(t for t in texts if (t, prompt, limit) not in self.cache))
+        if todo:
+            vectors = self.encoder.encode(todo, self.batch_size, prompt=prompt, max_length=limit,
+                                          show_progress_bar=False)
+            self.cache.update({(t, prompt, limit): v for t, v in zip(todo, vectors)})
+        vectors = np.stack([self.cache[(t, prompt, limit)] for t in texts])
+        return vectors if self.dim is None else truncate_rows(vectors, self.dim)
+
+
+def model_embedder(path: str, model, tokenizer, *, bidirectional: bool, batch_size: int) -> Embedder:
+    """compare's embedding path for a model loaded from ``path`` (``FOLDER@ROUTING`` allowed): the Encoder its
+    folder was exported as (a plain or UBMoE folder: mean pooling, no prompt), attention as ``--attention``."""
+    folder = resolve_model_path(split_routing(path)[0])
+    encoder = Encoder.for_model(model, tokenizer, folder, bidirectional=bidirectional)
+    return Embedder(encoder, batch_size=batch_size, own_max_length=read_encoder_config(folder)["max_length"])
 
 
 def lee_sts_task(n_docs: int = 50):

@@ -55,12 +55,11 @@ from bidirlm_pl.data.task_readers import TaskSource, check_source
 from bidirlm_pl.data.tasks import IGNORE, LabelledTaskData, align_word_labels
 from bidirlm_pl.evaluation import metrics
 from bidirlm_pl.evaluation.dependence import dependence
-from bidirlm_pl.evaluation.embedding import spearman
+from bidirlm_pl.evaluation.embedding import Embedder, check_dims, model_embedder, spearman
 from bidirlm_pl.evaluation.generation import causal_perplexity, continuation, multiple_choice_accuracy
 from bidirlm_pl.evaluation.harness import run_lm_eval, run_mteb
 from bidirlm_pl.evaluation.task_data import FIELDS, builtin, builtin_names_for, read_jsonl
 from bidirlm_pl.evaluation.task_metrics import entity_counts, f1_from_counts, is_bio
-from bidirlm_pl.models.encoder import Encoder, read_encoder_config
 from bidirlm_pl.moe.convert import is_ubmoe, ubmoe_record
 from bidirlm_pl.moe.modes import load_any, mode, split_routing
 
@@ -263,6 +262,10 @@ class Suite:
     max_length: int = 256
     batch_size: int = 8
     name: str = "suite"
+    dims: list[int] | None = None  # also score the embedding tasks at these sizes (first d dims, re-normalised)
+
+    def __post_init__(self):
+        self.dims = check_dims(self.dims, "compare config: dims")
 
     @property
     def embedding_tasks(self) -> list[TaskSpec]:
@@ -377,12 +380,15 @@ class ModelResult:
     results: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)  # files written beside the report (lm-eval's own)
+    dims: dict[int, dict[str, dict]] = field(default_factory=dict)  # embedding size -> task -> metrics
 
-    def main(self, task: TaskSpec):
-        return self.results.get(task.name, {}).get(MAIN_METRIC.get(task.kind, ""))
+    def main(self, task: TaskSpec, dim: int | None = None):
+        results = self.results if dim is None else self.dims.get(dim, {})
+        return results.get(task.name, {}).get(MAIN_METRIC.get(task.kind, ""))
 
-    def mean_embedding_score(self, suite: Suite) -> float | None:
-        values = [self.main(t) for t in suite.embedding_tasks]
+    def mean_embedding_score(self, suite: Suite, dim: int | None = None) -> float | None:
+        """The mean main score of the embedding tasks (at embedding size ``dim``: suite ``dims``)."""
+        values = [self.main(t, dim) for t in suite.embedding_tasks]
         values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else None
 
@@ -391,42 +397,6 @@ class ModelResult:
         values = [self.main(t) for t in suite.finetune_tasks]
         values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else None
-
-
-class Embedder:
-    """compare's embeddings of one model: its :class:`Encoder`, each distinct (text, prompt, token limit) encoded
-    once (tasks share texts).
-
-    ``embed(texts, max_length, prompt_name=...)`` prepends the encoder's prompt of that name as
-    sentence-transformers does: ``"query"`` as ``encode_query``, ``"document"`` as ``encode_document``, None
-    as ``encode`` (the default prompt: none in our exports). Texts are cut at ``max_length`` or at the
-    model's own limit (``own_max_length``: None for a folder without one), whichever is shorter.
-    """
-
-    def __init__(self, encoder: Encoder, *, batch_size: int, own_max_length: int | None = None):
-        self.encoder, self.batch_size, self.own_max_length = encoder, batch_size, own_max_length
-        self.cache: dict[tuple[str, str, int], np.ndarray] = {}
-
-    def limit(self, max_length: int) -> int:
-        return max_length if self.own_max_length is None else min(max_length, self.own_max_length)
-
-    def __call__(self, texts: list[str], max_length: int, *, prompt_name: str | None = None) -> np.ndarray:
-        prompt = self.encoder.resolve_prompt(prompt_name=prompt_name) or ""
-        limit = self.limit(max_length)
-        todo = list(dict.fromkeys(t for t in texts if (t, prompt, limit) not in self.cache))
-        if todo:
-            vectors = self.encoder.encode(todo, self.batch_size, prompt=prompt, max_length=limit,
-                                          show_progress_bar=False)
-            self.cache.update({(t, prompt, limit): v for t, v in zip(todo, vectors)})
-        return np.stack([self.cache[(t, prompt, limit)] for t in texts])
-
-
-def model_embedder(path: str, model, tokenizer, *, bidirectional: bool, batch_size: int) -> Embedder:
-    """compare's embedding path for a model loaded from ``path`` (``FOLDER@ROUTING`` allowed): the Encoder its
-    folder was exported as (a plain or UBMoE folder: mean pooling, no prompt), attention as ``--attention``."""
-    folder = resolve_model_path(split_routing(path)[0])
-    encoder = Encoder.for_model(model, tokenizer, folder, bidirectional=bidirectional)
-    return Embedder(encoder, batch_size=batch_size, own_max_length=read_encoder_config(folder)["max_length"])
 
 
 # ------------------------------------------------------------------ frozen_token: a linear head on frozen states
@@ -730,7 +700,8 @@ def evaluate(spec: ModelSpec, suite: Suite, *, progress: bool = True) -> ModelRe
     """Every task of ``suite`` on one model folder (plain, merged, contrastive, UBMoE, ``FOLDER@ROUTING``).
 
     The model is loaded once for the in-process tasks; ``finetune`` tasks train their own copies in subprocesses
-    (a suite of finetune tasks alone loads nothing here)."""
+    (a suite of finetune tasks alone loads nothing here). With suite ``dims``, the embedding tasks run again at
+    each size on the same embeddings, cut to their first d dimensions and re-normalised (``result.dims``)."""
     bidirectional = spec.attention == "bidirectional"
     model = tokenizer = embed = None
     ubmoe = False
@@ -739,25 +710,44 @@ def evaluate(spec: ModelSpec, suite: Suite, *, progress: bool = True) -> ModelRe
         model.eval()
         ubmoe = is_ubmoe(model)
         embed = model_embedder(spec.path, model, tokenizer, bidirectional=bidirectional, batch_size=suite.batch_size)
+        check_model_dims(spec, model, suite)
     result = ModelResult(spec.name, spec.path, spec.attention)
-    bar = tqdm(suite.tasks, desc=spec.name, unit="task", disable=not progress)
-    for task in bar:
-        bar.set_postfix_str(task.name)
-        start = time.time()
+
+    def run(task: TaskSpec, embedder: Embedder | None, name: str) -> dict:
         generation = task.kind in GENERATION_KINDS
         routing = "generate" if generation or not bidirectional else "embed"
         with mode(model, routing) if ubmoe and task.kind != "finetune" else nullcontext():
             was = attn.is_bidirectional(model) if model is not None else None
             try:
-                result.results[task.name] = run_task(
-                    task, model, tokenizer, embed, max_length=task.max_length or suite.max_length,
-                    batch_size=suite.batch_size, bidirectional=bidirectional and not generation,
-                    model_name=spec.name, artifacts=result.artifacts, model_path=spec.path)
+                return run_task(task, model, tokenizer, embedder, max_length=task.max_length or suite.max_length,
+                                batch_size=suite.batch_size, bidirectional=bidirectional and not generation,
+                                model_name=name, artifacts=result.artifacts, model_path=spec.path)
             finally:
                 if model is not None:
                     attn.set_bidirectional(model, was)
+
+    bar = tqdm(suite.tasks, desc=spec.name, unit="task", disable=not progress)
+    for task in bar:
+        bar.set_postfix_str(task.name)
+        start = time.time()
+        result.results[task.name] = run(task, embed, spec.name)
         result.seconds[task.name] = round(time.time() - start, 2)
+    for dim in suite.dims or []:
+        for task in suite.embedding_tasks:
+            start = time.time()
+            result.dims.setdefault(dim, {})[task.name] = run(task, embed.truncated(dim), f"{spec.name}@{dim}d")
+            result.seconds[f"{task.name}@{dim}d"] = round(time.time() - start, 2)
     return result
+
+
+def check_model_dims(spec: ModelSpec, model, suite: Suite) -> None:
+    """Suite ``dims`` must fit the model's embedding size (its hidden size), checked before any task runs."""
+    if not suite.dims or not suite.embedding_tasks:
+        return
+    size = model.config.get_text_config().hidden_size
+    if suite.dims[-1] > size:
+        raise BidirLMError(f"model '{spec.name}': dims entry {suite.dims[-1]} exceeds its embedding size {size}; "
+                           f"expected sizes <= {size}")
 
 
 def check_data(suite: Suite) -> None:

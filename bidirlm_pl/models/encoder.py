@@ -41,15 +41,20 @@ ROLE_PROMPTS = {"query": "", "document": ""}
 
 def write_encoder_files(folder: str | Path, *, hidden_size: int, pooling: str = "mean", normalize: bool = True,
                         max_length: int = DEFAULT_MAX_LENGTH, query_instruction: str | None = None,
-                        latent_state: dict | None = None, latent_config: dict | None = None) -> None:
+                        latent_state: dict | None = None, latent_config: dict | None = None,
+                        matryoshka_dims: list[int] | None = None) -> None:
     """Add the Sentence-Transformers modules and our encoder config to an HF folder (classic ST layout).
 
     Latent-attention pooling has no Sentence-Transformers equivalent: its weights go to
     ``latent_pooling.safetensors`` for :class:`Encoder`, and no ST modules are written.
+    ``matryoshka_dims``: the embedding sizes the model was trained at (Matryoshka), recorded in our config
+    only: ``config_sentence_transformers.json``'s ``truncate_dim`` would make sentence-transformers cut every
+    embedding by default; users pick a size with ``SentenceTransformer(folder, truncate_dim=k)``.
     """
     folder = Path(folder)
     config = {"pooling": pooling, "normalize": normalize, "max_length": max_length,
-              "query_instruction": query_instruction, "latent": latent_config}
+              "query_instruction": query_instruction, "latent": latent_config,
+              "matryoshka_dims": sorted(matryoshka_dims) if matryoshka_dims else None}
     (folder / ENCODER_CONFIG).write_text(json.dumps(config, indent=2))
     if pooling not in ST_MODES:
         assert latent_state is not None, "latent-attention pooling exports its weights"
@@ -104,7 +109,7 @@ def _st_pooling(pool: dict, where: Path) -> str:
 
 def read_encoder_config(folder: str | Path) -> dict:
     """How a folder embeds: ``pooling``, ``normalize``, ``max_length``, ``prompts``, ``default_prompt_name``,
-    ``include_prompt`` and ``latent`` (latent-attention sizes).
+    ``include_prompt``, ``latent`` (latent-attention sizes) and ``matryoshka_dims`` (the sizes it was trained at).
 
     Ours (``bidirlm_encoder.json``, its query instruction as the ``query`` prompt), a Sentence-Transformers
     folder from elsewhere (``modules.json``, ``1_Pooling``, ``sentence_bert_config.json``,
@@ -119,7 +124,8 @@ def read_encoder_config(folder: str | Path) -> dict:
     st = json.loads(st_file.read_text()) if st_file.exists() else {}
     prompts = {**ROLE_PROMPTS, **{k: v or "" for k, v in (st.get("prompts") or {}).items()}}
     config = {"pooling": "mean", "normalize": False, "max_length": None, "prompts": prompts,
-              "default_prompt_name": st.get("default_prompt_name"), "include_prompt": False, "latent": None}
+              "default_prompt_name": st.get("default_prompt_name"), "include_prompt": False, "latent": None,
+              "matryoshka_dims": None}
     if (folder / ENCODER_CONFIG).exists():
         ours = json.loads((folder / ENCODER_CONFIG).read_text())
         instruction = ours.pop("query_instruction", None)

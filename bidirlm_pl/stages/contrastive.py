@@ -50,6 +50,7 @@ class ContrastiveOutput(NamedTuple):
     masked_negatives: torch.Tensor
     query_BD: torch.Tensor  # detached under GradCache
     positive_BD: torch.Tensor
+    dim_losses: dict | None = None  # Matryoshka: each size's unweighted loss (detached)
 
 
 class ContrastiveCore:
@@ -68,13 +69,18 @@ class ContrastiveCore:
       (``bidirlm_pl.cli.preflight``) refuses a chunk larger than the per-process batch.
     * ``attention_dropout``: dropout on attention weights while training (SimCSE noise; None keeps the
       model's). The model's config keeps its own value, so an export describes the model for inference.
+    * ``matryoshka_dims``, ``matryoshka_weights``: also train the leading slices of every embedding (InfoNCE on
+      the first d dimensions, re-normalised, summed with the weights; the full size always takes part). Each
+      size's loss is logged as ``loss_dim{d}``; a size above the embedding size fails in ``configure_model``.
     """
 
     def init_contrastive(self, *, temperature: float, gather_across_devices: bool, symmetric: bool = False,
                          false_negative_margin: float | None = None, gradcache_chunk_size: int | None = None,
-                         attention_dropout: float | None = None) -> None:
+                         attention_dropout: float | None = None, matryoshka_dims: list[int] | None = None,
+                         matryoshka_weights: list[float] | None = None) -> None:
         self.loss_fn = InfoNCE(temperature, symmetric=symmetric, false_negative_margin=false_negative_margin,
-                               gather_across_devices=gather_across_devices)
+                               gather_across_devices=gather_across_devices, matryoshka_dims=matryoshka_dims,
+                               matryoshka_weights=matryoshka_weights)
         self.gradcache = GradCache(self.loss_fn, gradcache_chunk_size) if gradcache_chunk_size else None
         if attention_dropout is not None and not 0 <= attention_dropout < 1:
             raise BidirLMError(f"attention_dropout {attention_dropout} must be in [0, 1)")
@@ -87,6 +93,19 @@ class ContrastiveCore:
         super().configure_model()
         if self.attention_dropout is not None:
             attention.set_attention_dropout(self.backbone, self.attention_dropout)
+        if self.loss_fn.matryoshka_dims:  # a size above the embedding size fails now, not at the first step
+            self.loss_fn.levels(self.embedding_size())
+
+    def embedding_size(self) -> int:
+        """The size of :meth:`embed`'s embeddings: the backbone's (text) hidden size."""
+        config = getattr(self.backbone, "config", None) or self.backbone.backbone.config
+        return int(config.get_text_config().hidden_size)
+
+    def trained_dims(self) -> list[int] | None:
+        """The embedding sizes the loss trains, ascending (the full size included); None without Matryoshka."""
+        if not self.loss_fn.matryoshka_dims:
+            return None
+        return sorted(dim for dim, _ in self.loss_fn.levels(self.embedding_size()))
 
     # ------------------------------------------------------------------ embeddings and loss
     def embed(self, group: dict) -> torch.Tensor:
@@ -110,11 +129,12 @@ class ContrastiveCore:
         if self.gradcache is not None:
             loss = self.gradcache(self.embed, batch["query"], batch["positive"], negatives, n_negatives=n)
             query_BD, positive_BD = self.gradcache.last_embeddings
-            return ContrastiveOutput(loss, self.gradcache.last_details["masked_negatives"], query_BD, positive_BD)
+            details = self.gradcache.last_details
+            return ContrastiveOutput(loss, details["masked_negatives"], query_BD, positive_BD, details.get("dim_losses"))
         query_BD, positive_BD = self.embed(batch["query"]), self.embed(batch["positive"])
         negatives_BND = self.embed(negatives).view(query_BD.shape[0], n, -1) if negatives is not None else None
         loss, details = self.loss_fn.compute_loss(query_BD, positive_BD, negatives_BND, return_details=True)
-        return ContrastiveOutput(loss, details["masked_negatives"], query_BD, positive_BD)
+        return ContrastiveOutput(loss, details["masked_negatives"], query_BD, positive_BD, details.get("dim_losses"))
 
     def step_metrics(self, batch: dict, result: ContrastiveOutput) -> dict[str, torch.Tensor]:
         """Hook: a stage's own logged values besides the loss."""
@@ -125,6 +145,8 @@ class ContrastiveCore:
         out = {"loss": result.loss}
         if self.loss_fn.false_negative_margin is not None:
             out["masked_negatives"] = result.masked_negatives
+        for dim, loss in (result.dim_losses or {}).items():
+            out[f"loss_dim{dim}"] = loss
         return out | self.step_metrics(batch, result)
 
     def batch_size_of(self, batch: dict) -> int:
@@ -159,7 +181,8 @@ class ContrastiveStage(ContrastiveCore, BackboneStage):
         pooling: ``mean``, ``last``, ``weighted_mean`` or ``latent_attention``.
         normalize: L2-normalise exported embeddings (the loss uses cosine scores either way).
         temperature, symmetric, false_negative_margin, gather_across_devices, gradcache_chunk_size,
-            attention_dropout: see :class:`ContrastiveCore`.
+            attention_dropout, matryoshka_dims, matryoshka_weights: see :class:`ContrastiveCore`; the export
+            records the trained sizes (``matryoshka_dims`` of ``bidirlm_encoder.json``).
         latent_num_latents, latent_num_heads: size of the latent-attention pooler.
         export_max_length: the token limit of the exported encoder (Sentence-Transformers'
             ``max_seq_length``); training truncation is the data's ``max_length``.
@@ -188,6 +211,8 @@ class ContrastiveStage(ContrastiveCore, BackboneStage):
         export_max_length: int = 512,
         query_instruction: str | None = None,
         max_length: int | None = None,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
     ):
         super().__init__(backbone, optimizer=optimizer, schedule=schedule)
         Pooling(pooling, hidden_size=8, num_latents=1, num_heads=1)  # validate the mode now
@@ -195,7 +220,8 @@ class ContrastiveStage(ContrastiveCore, BackboneStage):
         self.normalize = normalize
         self.init_contrastive(temperature=temperature, symmetric=symmetric, false_negative_margin=false_negative_margin,
                               gather_across_devices=gather_across_devices, gradcache_chunk_size=gradcache_chunk_size,
-                              attention_dropout=attention_dropout)
+                              attention_dropout=attention_dropout, matryoshka_dims=matryoshka_dims,
+                              matryoshka_weights=matryoshka_weights)
         self.latent_num_latents, self.latent_num_heads = latent_num_latents, latent_num_heads
         if max_length is not None and export_max_length not in (512, max_length):
             raise BidirLMError(f"max_length {max_length} is the former name of export_max_length "
@@ -263,4 +289,5 @@ class ContrastiveStage(ContrastiveCore, BackboneStage):
             latent_state=(getattr(self, "_latent_state", None) or self.pooler.latent.state_dict())
             if self.pooler.latent is not None else None,
             latent_config=self.pooler.latent.config if self.pooler.latent is not None else None,
+            matryoshka_dims=self.trained_dims(),
         )

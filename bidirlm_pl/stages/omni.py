@@ -61,7 +61,7 @@ class OmniContrastiveStage(ContrastiveCore, BackboneStage):
     Args (besides :class:`BackboneStage`'s; ``backbone.model`` is the composed folder):
         temperature: InfoNCE temperature (> 0).
         gather_across_devices: under DDP/FSDP, every rank's embeddings join the candidates.
-        symmetric, false_negative_margin: as the contrastive stage's
+        symmetric, false_negative_margin, matryoshka_dims, matryoshka_weights: as the contrastive stage's
             (:class:`bidirlm_pl.stages.contrastive.ContrastiveCore`).
 
     No GradCache: image and audio inputs are patch and frame tensors whose rows are not the batch's rows.
@@ -72,12 +72,14 @@ class OmniContrastiveStage(ContrastiveCore, BackboneStage):
 
     def __init__(self, backbone: BackboneSpec, optimizer: OptimizerCallable = default_optimizer,
                  schedule: Schedule | None = None, temperature: float = 0.05, gather_across_devices: bool = True,
-                 symmetric: bool = False, false_negative_margin: float | None = None):
+                 symmetric: bool = False, false_negative_margin: float | None = None,
+                 matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None):
         super().__init__(backbone, optimizer=optimizer, schedule=schedule)
         if self.lora is not None:
             raise BidirLMError("the omni stage trains the merged backbone directly; backbone.lora must be null")
         self.init_contrastive(temperature=temperature, symmetric=symmetric, false_negative_margin=false_negative_margin,
-                              gather_across_devices=gather_across_devices)
+                              gather_across_devices=gather_across_devices, matryoshka_dims=matryoshka_dims,
+                              matryoshka_weights=matryoshka_weights)
 
     def build_model(self):
 
