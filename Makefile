@@ -10,7 +10,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0 -e '.[demo,dev,tasks]'
+	$(PY) -m pip install -q torch==2.13.0 -e '.[demo,dev,tasks,serving]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -3,7 +3,9 @@
 The card's YAML header is ``huggingface_hub.ModelCardData`` (``base_model``, ``library_name``, tags) plus
 ``bidirlm_stages``: one entry per stage that produced the folder. A stage trained from an earlier
 export inherits that folder's entries, so the card of a final encoder lists MNTP, merge and
-contrastive in order.
+contrastive in order. An encoder's or plain folder's card ends with "Serving": the runtimes that run it
+bidirectionally for its architecture, and a warning naming those that would run it causally
+(``bidirlm_pl.core.serving``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 from pathlib import Path
 
 from bidirlm_pl.core.hub import split_hub_id
+from bidirlm_pl.core.serving import serving_section
 
 
 def stage_history(model_folder: str | Path | None) -> list[dict]:
@@ -77,11 +80,18 @@ def write_model_card(folder: Path, *, name: str, model: str, model_folder: Path 
     lines += ["from transformers import AutoModel, AutoTokenizer",
               f'model = AutoModel.from_pretrained("{name}")  # bidirectional: config.is_causal is false',
               f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", ""]
+    lines += serving_section(_config(folder))
     return _save(ModelCard, card_data, lines, folder)
 
 
 TASK_NAMES = {"sequence": "sequence classification", "pair": "sequence-pair classification",
               "regression": "regression", "token": "token classification", "qa": "extractive question answering"}
+
+
+def _config(folder: Path) -> dict:
+    """The folder's ``config.json`` ({} when there is none, as in a card written before the weights)."""
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _task_info(folder: Path) -> dict:
