@@ -90,25 +90,24 @@ def test_a_causal_folder_has_no_serving_section(tmp_path):
     assert "## Serving" not in card(config_folder(tmp_path, "qwen3"))
 
 
-def test_prepare_for_serving_adds_the_tei_flag_and_changes_nothing_transformers_computes(tmp_path):
+def test_an_export_carries_the_tei_flag_which_changes_nothing_transformers_computes(tmp_path):
     folder = encoder_export("qwen3", tmp_path / "qwen3-encoder")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["use_bidirectional_attention"] is True and config["is_causal"] is False
+    assert runtime_support(config)["tei"][0] == BIDIRECTIONAL
     tokenizer = AutoTokenizer.from_pretrained(folder)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        before = AutoModel.from_pretrained(folder)(**batch).last_hidden_state
-    assert runtime_support(json.loads((folder / "config.json").read_text()))["tei"][0] == CAUSAL
+        exported = AutoModel.from_pretrained(folder)(**batch).last_hidden_state
+        del config["use_bidirectional_attention"]
+        (folder / "config.json").write_text(json.dumps(config))
+        assert runtime_support(config)["tei"][0] == CAUSAL
+        assert torch.equal(AutoModel.from_pretrained(folder)(**batch).last_hidden_state, exported)
+
     card(folder)
-
-    config = prepare_for_serving(folder)
-
-    assert config["use_bidirectional_attention"] is True and config["is_causal"] is False
-    assert json.loads((folder / "config.json").read_text()) == config
-    reloaded = AutoModel.from_pretrained(folder)
-    with torch.no_grad():
-        assert torch.equal(reloaded(**batch).last_hidden_state, before)
+    assert prepare_for_serving(folder)["use_bidirectional_attention"] is True
     text = (folder / "README.md").read_text()
     assert text.count("## Serving") == 1 and "Text Embeddings Inference" in section(text, "Run it bidirectionally:")
-    assert runtime_support(config)["tei"][0] == BIDIRECTIONAL
 
 
 def test_embeddinggemma_attention_halves_the_window_and_is_served_by_vllm(tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 from bidirlm_pl.core.checkpoint_io import replace_path
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.serving import add_serving_flags
 
 
 @contextmanager
@@ -63,6 +64,7 @@ def save_hf_folder(model, tokenizer, target: str | Path, *, overwrite: bool = Tr
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     with atomic_folder(target, overwrite=overwrite) as staging:
         base.save_pretrained(staging, state_dict=state_dict if state_dict is not None else plain_state_dict(model))
+        add_serving_flags(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if extra is not None:

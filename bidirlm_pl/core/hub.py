@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bidirlm_pl.core import assets
 from bidirlm_pl.core.errors import BidirLMError, first_line
+from bidirlm_pl.core.published import native_folder
 
 # What a model folder needs; pickled weights (*.bin, *.pt, *.pth, *.ckpt) never match.
 MODEL_FILE_PATTERNS = [
@@ -59,7 +60,9 @@ def offline() -> bool:
 def resolve_model_folder(reference: str | Path, *, what: str = "model path") -> Path:
     """The local folder of an offline asset name, a local folder, or a hub id (downloaded into the cache).
 
-    Raises a one-line :class:`BidirLMError` for a reference that is none of them.
+    A published BidirLM checkpoint (``model_type: bidirlm``, custom code) resolves to its native transformers
+    folder, converted once (``bidirlm_pl.core.published``). Raises a one-line :class:`BidirLMError` for a
+    reference that is none of them.
     """
 
     name = str(reference)
@@ -69,11 +72,11 @@ def resolve_model_folder(reference: str | Path, *, what: str = "model path") -> 
     if path.is_dir():
         if not (path / "config.json").exists():
             raise BidirLMError(f"model folder '{path}' has no config.json; expected a Hugging Face model folder")
-        return path
+        return native_folder(path)
     if split_hub_id(name) is None:
         raise BidirLMError(f"{what} '{name}' does not exist; expected a local folder with config.json, an offline "
                            "asset (`bidirlm assets list`) or a hub id 'org/name[@revision]'")
-    return hub_model_folder(name)
+    return native_folder(hub_model_folder(name))
 
 
 @functools.cache

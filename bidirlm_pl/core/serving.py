@@ -138,6 +138,20 @@ def serving_section(config: dict) -> list[str]:
     return lines + [""]
 
 
+def add_serving_flags(folder: str | Path) -> None:
+    """What every export gets: ``use_bidirectional_attention: true`` beside ``is_causal: false`` for Qwen3 and Llama.
+
+    Text Embeddings Inference reads only that flag; transformers ignores it for these architectures, so the model
+    is unchanged. Gemma3 is left alone: there the flag changes the sliding window (:func:`prepare_for_serving`).
+    """
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    arch, is_causal_false, ubi = _flags(config)
+    if arch in ("qwen3", "llama") and is_causal_false and not ubi:
+        config["use_bidirectional_attention"] = True
+        _write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def prepare_for_serving(folder: str | Path, *, gemma3_attention: str = "is_causal") -> dict:
     """Add the config flags that more runtimes read, in place; the model card's "Serving" section follows.
 
