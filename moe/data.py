@@ -42,9 +42,12 @@ def _spec(source: SourceSpec | dict | None) -> SourceSpec:
     return SourceSpec(**source) if isinstance(source, dict) else source or _lee()
 
 
-def split_documents(source: SourceSpec | dict | None, holdout: int) -> tuple[list[str], list[str]]:
-    """All documents of ``source`` split into (train, held-out = the last ``holdout`` documents)."""
-    docs = list(load_texts(_spec(source)))
+def split_documents(source: SourceSpec | dict | None, holdout: int, tokenizer=None) -> tuple[list[str], list[str]]:
+    """All documents of ``source`` split into (train, held-out = the last ``holdout`` documents).
+
+    ``tokenizer`` renders a chat source's turns (``messages_field``) with its chat template.
+    """
+    docs = list(load_texts(_spec(source), tokenizer))
     if holdout < 0 or holdout >= len(docs):
         raise BidirLMError(f"holdout {holdout} must be >= 0 and below the source's {len(docs)} documents")
     train, held = held_out_split(len(docs), holdout)
@@ -110,7 +113,8 @@ class UBMoETextData(L.LightningDataModule):
 
     Args:
         tokenizer: model folder or asset (linked to the model by the CLI).
-        source: documents (default: the Lee background corpus).
+        source: documents (default: the Lee background corpus); chat data (``messages_field``) is rendered by
+            this tokenizer's chat template, one document per conversation.
         holdout: last documents kept for validation (the held-out perplexity text).
         max_length: packed row length; batch_size: rows per batch; seed: row shuffling seed.
     """
@@ -137,7 +141,7 @@ class UBMoETextData(L.LightningDataModule):
         if self.tokenizer is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name, owner=type(self).__name__)
-        train_docs, val_docs = split_documents(self.sources[0], self.holdout)
+        train_docs, val_docs = split_documents(self.sources[0], self.holdout, self.tokenizer)
         self.train_rows = self._rows(train_docs)
         random.Random(self.seed).shuffle(self.train_rows)
         self.val_rows = self._rows(val_docs)

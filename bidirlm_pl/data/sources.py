@@ -25,6 +25,12 @@ Kinds (``kind="auto"`` infers one from ``path``):
 
 ``streaming: true`` (jsonl, parquet, hf) reads documents lazily; such a source only supports
 iteration, so the mixture resumes it by skipping the documents it has already consumed.
+
+Chat data (jsonl, parquet, disk, hf): ``messages_field`` names a column of turns, each a ``{role, content}``
+mapping (the layout of SFT sets such as ``allenai/tulu-v2-sft-mixture``), and each row becomes one document:
+the turns rendered by the data module's tokenizer, ``tokenizer.apply_chat_template(turns, tokenize=False)``, so
+the text carries the model's own chat markup. A turn without a role or a content string is a one-line error
+naming the row and the turn; :func:`open_source` / :func:`load_texts` take the tokenizer (``tokenizer=``).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from bidirlm_pl.core import assets
-from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.core.errors import BidirLMError, first_line
 from bidirlm_pl.core.hub import load_dataset
 
 KINDS = ("auto", "text", "jsonl", "parquet", "disk", "hf", "lee", "lee_documents")
@@ -61,6 +67,8 @@ class SourceSpec:
         split: the split to read (disk with a DatasetDict, hf).
         streaming: read lazily (jsonl, parquet, hf).
         text_unit: for ``kind: text``: ``line``, ``paragraph`` or ``file``.
+        messages_field: the column of chat turns (``{role, content}`` each) rendered into one document by the
+            tokenizer's chat template (jsonl, parquet, disk, hf); ``text_field`` is then unused.
     """
 
     name: str
@@ -74,6 +82,12 @@ class SourceSpec:
     split: str = "train"
     streaming: bool = False
     text_unit: str = "line"
+    messages_field: str | None = None
+
+    @property
+    def column(self) -> str:
+        """The column read: ``messages_field`` for chat data, else ``text_field``."""
+        return self.messages_field or self.text_field
 
 
 @dataclass
@@ -102,20 +116,58 @@ class TextSource:
 
 
 class _Column(Sequence):
-    """Lazy random access to one text column of a ``datasets.Dataset`` (no full copy into Python)."""
+    """Lazy random access to one column of a ``datasets.Dataset`` as text (no full copy into Python)."""
 
-    def __init__(self, dataset, field_name: str):
-        self.dataset, self.field_name = dataset, field_name
+    def __init__(self, dataset, field_name: str, convert: Callable[[object, int], str]):
+        self.dataset, self.field_name, self.convert = dataset, field_name, convert
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i):
-        return _as_text(self.dataset[int(i)][self.field_name])
+        return self.convert(self.dataset[int(i)][self.field_name], int(i))
 
 
-def _as_text(value) -> str:
+def _as_text(value, row: int | None = None) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def render_messages(tokenizer, messages, where: str) -> str:
+    """One chat's turns rendered by ``tokenizer``'s chat template; one line naming ``where`` for a bad turn.
+
+    >>> render_messages(None, [{"role": "user"}], "row 3")
+    Traceback (most recent call last):
+    ...
+    bidirlm_pl.core.errors.BidirLMError: row 3: turn 0 has no 'content' string (keys ['role']); each turn needs a role and a content
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise BidirLMError(f"{where}: messages is {type(messages).__name__} {str(messages)[:40]!r}, "
+                           "expected a non-empty list of {role, content} turns")
+    for number, turn in enumerate(messages):
+        keys = sorted(k for k, v in turn.items() if v is not None) if isinstance(turn, dict) else None
+        if keys is None:
+            raise BidirLMError(f"{where}: turn {number} is {type(turn).__name__}, expected a {{role, content}} mapping")
+        for key in ("role", "content"):
+            if not isinstance(turn.get(key), str):
+                raise BidirLMError(f"{where}: turn {number} has no {key!r} string (keys {keys}); "
+                                   "each turn needs a role and a content")
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False)
+    except Exception as err:  # the template's own refusal (jinja), e.g. roles that do not alternate
+        raise BidirLMError(f"{where}: the chat template refused the turns: {first_line(err, 120)}") from err
+
+
+def _converter(spec: SourceSpec, tokenizer) -> Callable[[object, int], str]:
+    """The function turning a row's value (and its index) into a document: plain text, or rendered chat turns."""
+    if spec.messages_field is None:
+        return _as_text
+    if tokenizer is None:
+        raise BidirLMError(f"source '{spec.name}': messages_field '{spec.messages_field}' is rendered by a tokenizer's "
+                           "chat template; pass tokenizer= (the data modules pass theirs)")
+    if not getattr(tokenizer, "chat_template", None):
+        raise BidirLMError(f"source '{spec.name}': tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has no chat "
+                           "template to render messages_field; use a chat model's tokenizer or a text_field")
+    return lambda value, row: render_messages(tokenizer, value, f"source '{spec.name}' row {row}")
 
 
 # The fields each kind reads (besides name, kind, weight); any other field set away from its default
@@ -123,9 +175,10 @@ def _as_text(value) -> str:
 KIND_FIELDS = {
     "lee": set(), "lee_documents": set(),
     "text": {"path", "text_unit"},
-    "jsonl": {"path", "text_field", "streaming"}, "parquet": {"path", "text_field", "streaming"},
-    "disk": {"path", "text_field", "split"},
-    "hf": {"dataset", "config", "data_files", "text_field", "split", "streaming"},
+    "jsonl": {"path", "text_field", "messages_field", "streaming"},
+    "parquet": {"path", "text_field", "messages_field", "streaming"},
+    "disk": {"path", "text_field", "messages_field", "split"},
+    "hf": {"dataset", "config", "data_files", "text_field", "messages_field", "split", "streaming"},
 }
 
 
@@ -232,13 +285,14 @@ def _read_text_file(path: str, unit: str) -> list[str]:
 
 
 def _check_field(spec: SourceSpec, columns) -> None:
-    if columns is not None and spec.text_field not in columns:
+    if columns is not None and spec.column not in columns:
+        which = "messages_field" if spec.messages_field else "text_field"
         raise BidirLMError(
-            f"source '{spec.name}': text_field '{spec.text_field}' is not a column; columns are {sorted(columns)}"
+            f"source '{spec.name}': {which} '{spec.column}' is not a column; columns are {sorted(columns)}"
         )
 
 
-def _from_datasets(spec: SourceSpec, dataset) -> TextSource:
+def _from_datasets(spec: SourceSpec, dataset, tokenizer=None) -> TextSource:
     """Wrap a ``datasets`` Dataset (random access) or IterableDataset (streaming)."""
     import datasets
 
@@ -247,14 +301,15 @@ def _from_datasets(spec: SourceSpec, dataset) -> TextSource:
             raise BidirLMError(f"source '{spec.name}': split '{spec.split}' is not one of {sorted(dataset)}")
         dataset = dataset[spec.split]
     _check_field(spec, dataset.column_names)
+    convert = _converter(spec, tokenizer)
     if dataset.column_names is not None and len(dataset.column_names) > 1:
-        dataset = dataset.select_columns([spec.text_field])  # decode only the text column per row
+        dataset = dataset.select_columns([spec.column])  # decode only the text (or chat) column per row
     if isinstance(dataset, datasets.Dataset):
-        return TextSource(spec, docs=_Column(dataset, spec.text_field))
+        return TextSource(spec, docs=_Column(dataset, spec.column, convert))
 
     def iterate():
-        for row in dataset:
-            yield _as_text(row[spec.text_field])
+        for row, record in enumerate(dataset):
+            yield convert(record[spec.column], row)
 
     return TextSource(spec, iterate=iterate)
 
@@ -262,10 +317,11 @@ def _from_datasets(spec: SourceSpec, dataset) -> TextSource:
 SCAN_LINES = 1000  # lines of a streaming JSONL file checked before training (all lines otherwise)
 
 
-def scan_jsonl(path: str, text_field: str | None, max_lines: int | None = None) -> None:
+def scan_jsonl(path: str, text_field: str | None, max_lines: int | None = None, *, setting: str = "text_field") -> None:
     """One line naming the file and line of the first record that is not UTF-8, not JSON or has no text field.
 
-    ``text_field=None`` checks UTF-8 and JSON only (pair rows name their own missing columns).
+    ``text_field=None`` checks UTF-8 and JSON only (pair rows name their own missing columns); ``setting`` is the
+    source field the hint names (``messages_field`` for chat data).
     """
     count = 0
     with open(path, "rb") as handle:
@@ -285,15 +341,19 @@ def scan_jsonl(path: str, text_field: str | None, max_lines: int | None = None) 
                 raise BidirLMError(f"{path}:{number}: not JSON ({err.msg} at column {err.colno})") from err
             if text_field is not None and (not isinstance(record, dict) or text_field not in record):
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise BidirLMError(f"{path}:{number}: record has no text field '{text_field}' (has {keys}); "
-                                   "set text_field to the right key")
+                what = "text field" if setting == "text_field" else setting.replace("_", " ")
+                raise BidirLMError(f"{path}:{number}: record has no {what} '{text_field}' (has {keys}); "
+                                   f"set {setting} to the right key")
             count += 1
     if count == 0:
         raise BidirLMError(f"{path} is empty; expected JSONL lines" + (f" with a '{text_field}' field" if text_field else ""))
 
 
-def open_source(spec: SourceSpec) -> TextSource:
-    """Open a source; raise a one-line :class:`BidirLMError` when it does not exist or is malformed."""
+def open_source(spec: SourceSpec, tokenizer=None) -> TextSource:
+    """Open a source; raise a one-line :class:`BidirLMError` when it does not exist or is malformed.
+
+    ``tokenizer`` renders a chat source's turns (``messages_field``) with its chat template; plain text needs none.
+    """
     kind = resolve_kind(spec)
     if spec.text_unit not in TEXT_UNITS:
         raise BidirLMError(f"source '{spec.name}': text_unit '{spec.text_unit}' is not one of {list(TEXT_UNITS)}")
@@ -309,25 +369,26 @@ def open_source(spec: SourceSpec) -> TextSource:
         files = _files(spec, kind)
         if kind == "jsonl":
             for f in files:
-                scan_jsonl(f, spec.text_field, max_lines=SCAN_LINES if spec.streaming else None)
+                scan_jsonl(f, spec.column, max_lines=SCAN_LINES if spec.streaming else None,
+                           setting="messages_field" if spec.messages_field else "text_field")
         builder = "json" if kind == "jsonl" else "parquet"
         try:
             loaded = datasets.load_dataset(builder, data_files=files, split="train", streaming=spec.streaming)
         except Exception as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise BidirLMError(f"source '{spec.name}': cannot read {kind} files {files}: {first}") from err
-        return _from_datasets(spec, loaded)
+        return _from_datasets(spec, loaded, tokenizer)
     if kind == "disk":
         path = Path(spec.path or "").expanduser()
         if spec.path is None or not path.is_dir():
             raise BidirLMError(f"source '{spec.name}': saved dataset folder '{spec.path}' does not exist")
-        return _from_datasets(spec, datasets.load_from_disk(str(path)))
+        return _from_datasets(spec, datasets.load_from_disk(str(path)), tokenizer)
     # kind == "hf"
     if spec.dataset is None:
         raise BidirLMError(f"source '{spec.name}' (kind hf) needs 'dataset'")
     loaded = load_dataset(spec.dataset, name=spec.config, split=spec.split, data_files=spec.data_files,
                           streaming=spec.streaming, what=f"source '{spec.name}': dataset '{spec.dataset}'")
-    return _from_datasets(spec, loaded)
+    return _from_datasets(spec, loaded, tokenizer)
 
 
 def describe_source(source: TextSource) -> str:
@@ -344,11 +405,14 @@ def describe_source(source: TextSource) -> str:
         files = _files(spec, kind)
         where = ", ".join(files[:3]) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
     count = f"{len(source.docs)} documents" if source.docs is not None else "streaming"
-    return f"source '{spec.name}': kind {kind}, {where}, {count}, weight {spec.weight}"
+    chat = f", chats from '{spec.messages_field}' rendered by the chat template" if spec.messages_field else ""
+    return f"source '{spec.name}': kind {kind}, {where}, {count}{chat}, weight {spec.weight}"
 
 
-def load_texts(spec: SourceSpec | dict) -> Iterable[str]:
+def load_texts(spec: SourceSpec | dict, tokenizer=None) -> Iterable[str]:
     """All non-empty documents of one source, in order (lazy for streaming sources).
+
+    ``tokenizer`` renders a chat source's turns (``messages_field``) with its chat template.
 
     >>> docs = load_texts({"name": "lee", "kind": "lee"})
     >>> next(iter(docs))[:20]
@@ -356,7 +420,7 @@ def load_texts(spec: SourceSpec | dict) -> Iterable[str]:
     """
     if isinstance(spec, dict):
         spec = SourceSpec(**spec)
-    source = open_source(spec)
+    source = open_source(spec, tokenizer)
     return (doc for doc in source if doc.strip())
 
 

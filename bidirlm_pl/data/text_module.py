@@ -206,7 +206,7 @@ class TextDataModule(ResumableStream, L.LightningDataModule):
         if len(set(names)) != len(names):
             raise BidirLMError(f"source names {names} are not unique; give each source its own name")
         for spec in self.sources:
-            source = open_source(spec)
+            source = open_source(spec, self.tokenizer)
             self._check_source(source)
             if self.val_fraction > 0 and not self.val_sources and source.random_access:
                 n = len(source.docs)
@@ -217,7 +217,7 @@ class TextDataModule(ResumableStream, L.LightningDataModule):
                 source = TextSource(spec, docs=_Subset(source.docs, sorted(rest)))
             train.append(source)
         for spec in self.val_sources:
-            source = open_source(spec)
+            source = open_source(spec, self.tokenizer)
             self._check_source(source)
             val.append(source)
         for role, sources in (("train", train), ("validation", val)):

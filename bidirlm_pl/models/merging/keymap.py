@@ -24,9 +24,15 @@ UNMATCHED_POLICIES = ("error", "report")
 
 @dataclass
 class KeyMap:
-    """Prefix renames (``from -> to``); ``None`` prefixes means every key, unchanged."""
+    """Prefix renames (``from -> to``); ``None`` prefixes means every key, unchanged.
+
+    ``components`` (keys outside the map, when this model is the source or is attached): ``None`` keeps
+    every one under its own name; a mapping keeps only the keys under its prefixes, renamed (longest
+    prefix first), and leaves the rest out (``KeyReport.left_out``), e.g. an omni source's towers.
+    """
 
     prefixes: dict[str, str] | None = None
+    components: dict[str, str] | None = None
 
     @classmethod
     def parse(cls, spec: str | dict[str, str] | KeyMap | None) -> KeyMap:
@@ -49,10 +55,20 @@ class KeyMap:
         """The key in the shared namespace, or None when the key lies outside this map."""
         if self.prefixes is None:
             return key
-        for source in sorted(self.prefixes, key=len, reverse=True):
-            if key.startswith(source):
-                return self.prefixes[source] + key[len(source):]
-        return None
+        return _renamed(self.prefixes, key)
+
+    def component(self, key: str) -> str | None:
+        """The output name of a key outside the map, or None when it is left out."""
+        if self.components is None:
+            return key
+        return _renamed(self.components, key)
+
+
+def _renamed(prefixes: dict[str, str], key: str) -> str | None:
+    for source in sorted(prefixes, key=len, reverse=True):
+        if key.startswith(source):
+            return prefixes[source] + key[len(source):]
+    return None
 
 
 @dataclass
@@ -73,6 +89,7 @@ class KeyReport:
     unmatched: list[str] = field(default_factory=list)            # "model: key" that met nothing
     shape_policy_applied: list[str] = field(default_factory=list)
     aliased: list[str] = field(default_factory=list)              # tied lm_head read from embeddings
+    left_out: list[str] = field(default_factory=list)             # "model: key" outside the map and its components
 
 
 class _Table(dict):
@@ -103,7 +120,8 @@ def match_keys(ckpts: list[Checkpoint], key_maps: list[KeyMap], source: int, *, 
     """Plan the output tensors in the source's key order; raise a one-line error on mismatches.
 
     ``attach``: other checkpoints whose components (keys outside their map: towers, projectors) are
-    copied unchanged into the output too, after the source's tensors; a name clash is an error.
+    copied into the output too (renamed by their map's ``components``), after the source's tensors; a
+    name clash is an error.
     """
     if unmatched not in UNMATCHED_POLICIES:
         raise BidirLMError(f"unmatched policy '{unmatched}' is not one of {list(UNMATCHED_POLICIES)}")
@@ -119,8 +137,12 @@ def match_keys(ckpts: list[Checkpoint], key_maps: list[KeyMap], source: int, *, 
         info = src.tensors[key]
         canonical = src_map.canonical(key)
         if canonical is None:
+            name = src_map.component(key)
+            if name is None:
+                report.left_out.append(f"{src.name}: {key}")
+                continue
             report.copied_components.append(key)
-            entries.append(Entry(key, info.shape, "copy", _only(len(ckpts), source, key)))
+            entries.append(Entry(name, info.shape, "copy", _only(len(ckpts), source, key)))
             continue
         src_canonical.add(canonical)
         lacking = [i for i, table in enumerate(tables) if canonical not in table]
@@ -145,22 +167,7 @@ def match_keys(ckpts: list[Checkpoint], key_maps: list[KeyMap], source: int, *, 
             if canonical == src_map.canonical(LM_HEAD) and LM_HEAD not in src.tensors and src.ties_embeddings:
                 continue  # the output ties its output layer to the (merged) embeddings
             missing.append(f"tensor '{stored}' of {ckpts[i].name} has no counterpart in {src.name}")
-    taken = {e.name for e in entries}
-    for i in attach or []:
-        if i == source or key_maps[i].prefixes is None:
-            raise BidirLMError(f"attach: model {ckpts[i].name} must be another model with a key map "
-                               f"(its keys outside the map are the components to attach)")
-        for key in ckpts[i].keys():
-            if key_maps[i].canonical(key) is not None:
-                continue
-            if key in taken:
-                raise BidirLMError(f"attached component '{key}' of {ckpts[i].name} clashes with a tensor of the "
-                                   f"same name already in the output")
-            taken.add(key)
-            keys: list[str | None] = [None] * len(ckpts)
-            keys[i] = key
-            entries.append(Entry(key, ckpts[i].tensors[key].shape, "copy", keys))
-            report.copied_components.append(f"{key} (from {ckpts[i].name})")
+    _attach(ckpts, key_maps, source, attach or [], entries, report)
     if missing:
         if unmatched == "error":
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -169,6 +176,31 @@ def match_keys(ckpts: list[Checkpoint], key_maps: list[KeyMap], source: int, *, 
         report.unmatched = missing
     report.merged = sum(e.action == "merge" for e in entries)
     return entries, report
+
+
+def _attach(ckpts: list[Checkpoint], key_maps: list[KeyMap], source: int, attach: list[int], entries: list[Entry],
+            report: KeyReport) -> None:
+    """Append the attached models' components (keys outside their map, renamed by ``components``)."""
+    taken = {e.name for e in entries}
+    for i in attach:
+        if i == source or key_maps[i].prefixes is None:
+            raise BidirLMError(f"attach: model {ckpts[i].name} must be another model with a key map "
+                               f"(its keys outside the map are the components to attach)")
+        for key in ckpts[i].keys():
+            if key_maps[i].canonical(key) is not None:
+                continue
+            name = key_maps[i].component(key)
+            if name is None:
+                report.left_out.append(f"{ckpts[i].name}: {key}")
+                continue
+            if name in taken:
+                raise BidirLMError(f"attached component '{key}' of {ckpts[i].name} clashes with a tensor of the "
+                                   f"same name already in the output")
+            taken.add(name)
+            keys: list[str | None] = [None] * len(ckpts)
+            keys[i] = key
+            entries.append(Entry(name, ckpts[i].tensors[key].shape, "copy", keys))
+            report.copied_components.append(f"{key} (from {ckpts[i].name})")
 
 
 def _only(count: int, index: int, key: str) -> list[str | None]:

@@ -11,8 +11,10 @@ sequence is ``[<|vision_start|> <|image_pad|> x n <|vision_end|>]`` or
 embeddings are replaced by the tower's outputs (n = what the tower emits for that input), the whole
 sequence is attended bidirectionally, and the embedding is the mean of the final states.
 
-Qwen3-VL's DeepStack features (added to early decoder layers in Qwen3-VL) and its 3-D rotary
-positions are not used: the merged backbone is the text model, with 1-D positions.
+Positions follow BidirLM-Omni's published code and Qwen3-VL (:mod:`bidirlm_pl.models.omni.positions`):
+interleaved MRoPE with the rotary base ``omni_config.json`` records, 3-D (t, h, w) positions for image
+placeholders, 1-D positions (all three axes equal: plain RoPE) for text and audio. Qwen3-VL's DeepStack
+features (added to early decoder layers in Qwen3-VL and in BidirLM-Omni) are not used yet.
 
 >>> enc = OmniEncoder.from_folder("runs/omni-tiny/composed")  # doctest: +SKIP
 >>> enc.encode(["a sentence"]).shape, enc.encode_images([img]).shape, enc.encode_audio([wave]).shape  # doctest: +SKIP
@@ -30,6 +32,7 @@ from bidirlm_pl.backbone.load import load_backbone, resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.models.merging.safetensors_io import Checkpoint
 from bidirlm_pl.models.omni.inputs import OmniInputs, load_record
+from bidirlm_pl.models.omni.positions import OmniRotary, image_positions
 
 
 def _load_prefixed(module: nn.Module, folder: Path, prefix: str, what: str) -> None:
@@ -43,6 +46,23 @@ def _load_prefixed(module: nn.Module, folder: Path, prefix: str, what: str) -> N
                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def install_rotary(backbone, positions: dict | None) -> OmniRotary | None:
+    """Replace the backbone's rotary embedding by interleaved MRoPE when the folder records that scheme.
+
+    Folders composed before positions were recorded (no ``positions``) keep the backbone's own 1-D RoPE.
+    """
+    if not positions or positions.get("scheme") != "mrope_interleaved":
+        return None
+    config = backbone.config
+    if not hasattr(backbone, "rotary_emb"):
+        raise BidirLMError(f"the {config.model_type} backbone has no rotary_emb to replace with MRoPE")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    old = next(iter(backbone.rotary_emb.buffers()), None)
+    rotary = OmniRotary(head_dim, positions["rope_theta"], positions["mrope_section"])
+    backbone.rotary_emb = rotary.to(old.device if old is not None else "cpu")
+    return rotary
+
+
 class OmniEncoder(nn.Module):
     """Backbone + frozen towers + processors; ``forward(batch)`` gives (B, D) embeddings with gradients."""
 
@@ -52,6 +72,7 @@ class OmniEncoder(nn.Module):
         self.backbone, self.inputs, self.record = backbone, inputs, record
         self.tokenizer, self.ids = inputs.tokenizer, inputs.ids
         self.visual, self.audio_tower, self.audio_projector = visual, audio_tower, audio_projector
+        self.rotary = install_rotary(backbone, record.get("positions"))
         for tower in self.towers():
             tower.requires_grad_(False)
             tower.eval()
@@ -119,6 +140,14 @@ class OmniEncoder(nn.Module):
                                f"{features_ND.shape[0]} features")
         return embeds_BTD.masked_scatter(positions[..., None], features_ND.to(embeds_BTD.dtype))
 
+    def position_ids(self, batch: dict) -> torch.Tensor | None:
+        """(3, B, T) rotary positions of a batch with images; None (1-D positions) for text and audio."""
+        if self.rotary is None or batch.get("image_grid_thw") is None:
+            return None
+        merge = int(self.record["vision"]["config"]["vision_config"]["spatial_merge_size"])
+        return image_positions(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+                               self.ids["image"], merge)
+
     def forward(self, batch: dict) -> torch.Tensor:
         device = next(self.backbone.parameters()).device
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -137,7 +166,12 @@ class OmniEncoder(nn.Module):
             embeds_BTD = self._scatter(embeds_BTD, ids_BT, self.ids["audio"], feats, "audio")
         kwargs = attention.model_inputs(self.backbone.config, attention_mask_BT=mask_BT, bidirectional=True,
                                         dtype=embeds_BTD.dtype)
-        hidden_BTD = self.backbone(inputs_embeds=embeds_BTD, **kwargs).last_hidden_state
+        ids_3BT = self.position_ids(batch)
+        if ids_3BT is None:
+            hidden_BTD = self.backbone(inputs_embeds=embeds_BTD, **kwargs).last_hidden_state
+        else:
+            with self.rotary.positions(ids_3BT):
+                hidden_BTD = self.backbone(inputs_embeds=embeds_BTD, **kwargs).last_hidden_state
         weights_BT1 = mask_BT[..., None].to(hidden_BTD.dtype)
         return ((hidden_BTD * weights_BT1).sum(1) / weights_BT1.sum(1).clamp(min=1)).float()
 
