@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import (
     AutoModelForQuestionAnswering,
@@ -410,3 +411,14 @@ def test_stage_options_are_checked():
         FinetuneStage("tiny-qwen3", task="token", pooling="mean")
     with pytest.raises(BidirLMError, match="metric 'spearman' is not one of"):
         FinetuneStage("tiny-qwen3", task="sequence", metric="spearman")
+
+
+def test_labelled_mean_is_cross_entropys_mean_and_zero_in_the_graph_without_labels():
+    from bidirlm_pl.stages.finetune import IGNORE, labelled_mean
+
+    logits = torch.randn(6, 5, requires_grad=True)
+    labels = torch.tensor([1, IGNORE, 3, 0, IGNORE, 4])
+    torch.testing.assert_close(labelled_mean(logits, labels), F.cross_entropy(logits, labels, ignore_index=IGNORE))
+    none = labelled_mean(logits, torch.full((6,), IGNORE))
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))

@@ -284,19 +284,15 @@ class FinetuneStage(BackboneStage):
     def loss(self, out, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The task loss and the count it averages over (rows, or labelled tokens)."""
         if self.task == "qa":
-            start = F.cross_entropy(out.start_logits.float(), batch["start_positions"], ignore_index=IGNORE)
-            end = F.cross_entropy(out.end_logits.float(), batch["end_positions"], ignore_index=IGNORE)
             count = (batch["start_positions"] != IGNORE).sum()
-            loss = (start + end) / 2 if int(count) else out.start_logits.sum() * 0.0
-            return loss, count
+            start = labelled_mean(out.start_logits.float(), batch["start_positions"])
+            end = labelled_mean(out.end_logits.float(), batch["end_positions"])
+            return (start + end) / 2, count
         logits = out.logits.float()
         if self.task == "regression":
             return F.mse_loss(logits.squeeze(-1), batch["labels"].float()), batch["labels"].new_tensor(len(logits))
         if self.task == "token":
-            count = (batch["labels"] != IGNORE).sum()
-            loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE) if int(count) \
-                else logits.sum() * 0.0
-            return loss, count
+            return labelled_mean(logits.flatten(0, 1), batch["labels"].flatten()), (batch["labels"] != IGNORE).sum()
         return F.cross_entropy(logits, batch["labels"]), batch["labels"].new_tensor(len(logits))
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -473,3 +469,13 @@ class FinetuneStage(BackboneStage):
         write_task_files(self.backbone, folder, self.task_info(), head_state=getattr(self, "_head_state", None))
         if self.merge_spec is not None and is_merged(self.merge_spec.output):  # what the backbone started from
             shutil.copy2(Path(self.merge_spec.output) / RECORD_FILE, folder / RECORD_FILE)
+
+
+def labelled_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled entries; 0, still in the graph, when there are none.
+
+    The same value as ``F.cross_entropy(..., ignore_index=IGNORE)`` without its NaN on an all-ignored batch, and
+    without reading the count on the host (no device sync per step).
+    """
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp(min=1)
