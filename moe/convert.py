@@ -9,7 +9,7 @@ no remote code::
     "ubmoe": {"version": 1, "layers": [0, 1], "routing": "soft",
               "mode_routing": {"generate": "soft", "embed": "forced1"},
               "top1_gradient": "straight_through", "router_init": "zeros", "router_std": 0.02,
-              "prior_expert0": 0.5}
+              "prior_expert0": 0.5, "confidence": 0.9}
 
 A UBMoE folder is *not* loadable by a plain ``AutoModelForCausalLM.from_pretrained`` (its FFN
 weights live under ``mlp.experts.{0,1}``); use :func:`load_ubmoe`, or export a plain model with
@@ -32,7 +32,14 @@ from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.core.export import save_hf_folder
 from bidirlm_pl.core.hub import is_hub_id, resolve_model_folder
 from bidirlm_pl.core.specs import SUPPORTED_MODEL_TYPES
-from bidirlm_pl.moe.ffn import NUM_EXPERTS, ROUTER_INITS, TOP1_GRADIENTS, UniBiFFN, check_routing
+from bidirlm_pl.moe.ffn import (
+    NUM_EXPERTS,
+    ROUTER_INITS,
+    TOP1_GRADIENTS,
+    UniBiFFN,
+    check_confidence,
+    check_routing,
+)
 
 FFN_LAYOUT = ("gate_proj", "up_proj", "down_proj")  # gated FFN of Qwen3 / Gemma3 / Llama
 ATTENTION_MODES = ("generate", "embed")
@@ -44,12 +51,14 @@ class UBMoESpec:
     """How a model is turned into UBMoE; stored as ``config.ubmoe``.
 
     Args:
-        routing: the routing mode active now (``soft``, ``top1``, ``forced0``, ``forced1``).
+        routing: the routing mode active now (``soft``, ``top1``, ``forced0``, ``forced1``, ``confident``).
         mode_routing: routing used by :func:`bidirlm_pl.moe.set_mode` for ``generate`` (causal
             attention) and ``embed`` (bidirectional attention).
         top1_gradient: ``straight_through`` or ``switch``.
         router_init, router_std, prior_expert0: router initialisation (see ``UniBiFFN``).
         layers: decoder layer indices to convert (None = all).
+        confidence: the threshold of ``confident`` routing (expert 1's probability above which a token takes the
+            soft mixture; 0 = soft, 1 = forced0). Folders written before it existed read 0.9.
     """
 
     routing: str = "soft"
@@ -59,9 +68,11 @@ class UBMoESpec:
     router_std: float = 0.02
     prior_expert0: float = 0.5
     layers: list[int] | None = None
+    confidence: float = 0.9
 
     def validate(self) -> UBMoESpec:
         check_routing(self.routing)
+        self.confidence = check_confidence(self.confidence)
         unknown = set(self.mode_routing) - set(ATTENTION_MODES)
         if unknown:
             raise BidirLMError(f"mode_routing keys {sorted(unknown)} are not among {list(ATTENTION_MODES)}")
@@ -179,6 +190,7 @@ def convert_to_ubmoe(model: nn.Module, spec: UBMoESpec | None = None, **override
         layers[i].mlp = UniBiFFN(
             mlp, mlp.gate_proj.in_features, routing=spec.routing, top1_gradient=spec.top1_gradient,
             router_init=spec.router_init, router_std=spec.router_std, prior_expert0=spec.prior_expert0,
+            confidence=spec.confidence,
         )
     spec.layers = indices
     _record(model, spec)
@@ -191,6 +203,17 @@ def set_routing(model: nn.Module, routing: str) -> nn.Module:
     spec.routing = check_routing(routing)
     for ffn in ubmoe_ffns(model):
         ffn.routing = routing
+        ffn.confidence = spec.confidence
+    _record(model, spec)
+    return model
+
+
+def set_confidence(model: nn.Module, confidence: float) -> nn.Module:
+    """Set the ``confident`` routing threshold of every layer (and record it in ``config.ubmoe``)."""
+    spec = spec_of(model)
+    spec.confidence = check_confidence(confidence)
+    for ffn in ubmoe_ffns(model):
+        ffn.confidence = spec.confidence
     _record(model, spec)
     return model
 

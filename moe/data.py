@@ -10,7 +10,10 @@ Unsupervised SimCSE uses each document as its own positive: the two forward pass
 dropout noise only. For supervised pairs (JSONL, parquet, datasets; hard negatives; mixtures) stage 1
 takes the contrastive stage's ``bidirlm_pl.data.pairs.PairsDataModule`` unchanged (same batches).
 
-Stage 2 batches: packed rows ``{input_ids, position_ids, seq_ids}`` (see ``bidirlm_pl.data.packing``).
+Stage 2 batches: packed rows ``{input_ids, position_ids, seq_ids}`` (see ``bidirlm_pl.data.packing``). Stage 2
+reads one source, or a weighted mixture of several (``sources``, drawn by MNTP's
+:class:`bidirlm_pl.data.mixture.Mixture`), e.g. Lee news beside the training passages of the built-in text
+families (``kind: family``).
 
 >>> dm = UBMoETextData(tokenizer="tiny-qwen3", max_length=64, batch_size=2)  # doctest: +SKIP
 >>> dm.setup("fit"); next(iter(dm.train_dataloader()))["input_ids"].shape  # doctest: +SKIP
@@ -23,12 +26,14 @@ import random
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from bidirlm_pl.core.errors import BidirLMError
+from bidirlm_pl.data.mixture import Mixture
 from bidirlm_pl.data.packing import collate_rows, pack_documents, tokenize_documents
 from bidirlm_pl.data.pairs import PairCollator, PairsDataModule, PairSource
-from bidirlm_pl.data.sources import SourceSpec, load_texts
+from bidirlm_pl.data.sources import SourceSpec, TextSource, load_texts
 from bidirlm_pl.data.splits import held_out_split
 from bidirlm_pl.data.tokenizer import load_tokenizer
 from bidirlm_pl.data.validation import rank_loader
@@ -115,8 +120,12 @@ class UBMoETextData(L.LightningDataModule):
         tokenizer: model folder or asset (linked to the model by the CLI).
         source: documents (default: the Lee background corpus); chat data (``messages_field``) is rendered by
             this tokenizer's chat template, one document per conversation.
-        holdout: last documents kept for validation (the held-out perplexity text).
-        max_length: packed row length; batch_size: rows per batch; seed: row shuffling seed.
+        sources: instead of ``source``, a weighted mixture (each source's ``weight``): the training documents are
+            ``mixture_documents`` draws of the seeded mixture, each draw a source picked by weight, then its next
+            document (a source read through wraps around), packed once and shuffled.
+        mixture_documents: draws from the mixture (default: all training documents of the sources together).
+        holdout: last documents of each source kept for validation (the held-out perplexity text).
+        max_length: packed row length; batch_size: rows per batch; seed: row shuffling and mixture seed.
     """
 
     def __init__(
@@ -128,9 +137,21 @@ class UBMoETextData(L.LightningDataModule):
         batch_size: int = 4,
         num_workers: int = 0,
         seed: int = 0,
+        sources: list[SourceSpec] | None = None,
+        mixture_documents: int | None = None,
     ):
         super().__init__()
-        self.tokenizer_name, self.sources, self.holdout = tokenizer, [_spec(source)], holdout
+        if source is not None and sources:
+            raise BidirLMError("give 'source' (one source) or 'sources' (a weighted mixture), not both")
+        specs = [_spec(s) for s in sources] if sources else [_spec(source)]
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise BidirLMError(f"source names {names} are not unique; give each source its own name")
+        if mixture_documents is not None and mixture_documents < 1:
+            raise BidirLMError(f"mixture_documents {mixture_documents} must be a positive number of documents")
+        self.mixture_documents = mixture_documents
+        self.mixture_counts: dict[str, int] = {}
+        self.tokenizer_name, self.sources, self.holdout = tokenizer, specs, holdout
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
         self.tokenizer = None
 
@@ -141,12 +162,22 @@ class UBMoETextData(L.LightningDataModule):
         if self.tokenizer is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name, owner=type(self).__name__)
-        train_docs, val_docs = split_documents(self.sources[0], self.holdout, self.tokenizer)
+        splits = [split_documents(spec, self.holdout, self.tokenizer) for spec in self.sources]
+        train_docs = splits[0][0] if len(splits) == 1 else self._mixture([train for train, _ in splits])
+        val_docs = [doc for _, held in splits for doc in held]
         self.train_rows = self._rows(train_docs)
         random.Random(self.seed).shuffle(self.train_rows)
         self.val_rows = self._rows(val_docs)
         if not self.train_rows:
             raise BidirLMError("the stage-2 text source yields no training rows")
+
+    def _mixture(self, trains: list[list[str]]) -> list[str]:
+        """The training documents drawn from the weighted mixture of the sources' training documents."""
+        mixture = Mixture([TextSource(spec, docs=docs) for spec, docs in zip(self.sources, trains)], seed=self.seed)
+        drawn = [mixture.next()[1] for _ in range(self.mixture_documents or sum(len(t) for t in trains))]
+        self.mixture_counts = dict(zip(mixture.names, mixture.documents))
+        rank_zero_info(f"stage-2 mixture: documents drawn per source {self.mixture_counts}")
+        return drawn
 
     def collate(self, rows) -> dict[str, torch.Tensor]:
         return collate_rows(rows, max_length=self.max_length, pad_token_id=self.tokenizer.pad_token_id)

@@ -11,6 +11,10 @@ Routing modes (switchable at run time, ``ffn.routing = "soft"``):
 * ``top1``    — each token goes to its most probable expert; gradient per ``top1_gradient``.
 * ``forced0`` — every token to expert 0 (the original FFN: reproduces the original model exactly).
 * ``forced1`` — every token to expert 1 (the bidirectionally fine-tuned FFN).
+* ``confident`` — stay causal unless the router is sure: a token whose expert-1 probability exceeds
+  ``confidence`` gets the ``soft`` mixture, every other token exactly expert 0. ``confidence: 0`` is
+  ``soft`` (a probability is never below 0) and ``confidence: 1`` is ``forced0``, token for token. A
+  generation rule over trained routers: expert 1 only where the router learned that it helps.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import nn
 
 from bidirlm_pl.core.errors import BidirLMError
 
-ROUTING_MODES = ("soft", "top1", "forced0", "forced1")
+ROUTING_MODES = ("soft", "top1", "forced0", "forced1", "confident")
 TOP1_GRADIENTS = ("straight_through", "switch")
 ROUTER_INITS = ("zeros", "normal")
 NUM_EXPERTS = 2
@@ -33,6 +37,17 @@ def check_routing(mode: str) -> str:
     if mode not in ROUTING_MODES:
         raise BidirLMError(f"routing mode '{mode}' is not one of {list(ROUTING_MODES)}")
     return mode
+
+
+def check_confidence(value) -> float:
+    """A ``confident`` routing threshold: a number from 0 (``soft``) to 1 (``forced0``)."""
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise BidirLMError(f"confidence {value!r} is not a number; expected a threshold from 0 to 1") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise BidirLMError(f"confidence {threshold} is outside [0, 1]; 0 routes as soft, 1 as forced0")
+    return threshold
 
 
 class UniBiFFN(nn.Module):
@@ -45,6 +60,7 @@ class UniBiFFN(nn.Module):
         top1_gradient: ``straight_through`` or ``switch`` (how top-1 routing passes a gradient).
         router_init: ``zeros`` (both experts equally likely) or ``normal`` (std ``router_std``).
         prior_expert0: initial router probability of expert 0 (through the router bias).
+        confidence: ``confident`` routing's threshold on the expert-1 probability (0: soft, 1: forced0).
 
     >>> mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
     >>> ffn = UniBiFFN(mlp, hidden_size=8, routing="forced0")
@@ -65,6 +81,7 @@ class UniBiFFN(nn.Module):
         router_init: str = "zeros",
         router_std: float = 0.02,
         prior_expert0: float = 0.5,
+        confidence: float = 0.9,
     ):
         super().__init__()
         if top1_gradient not in TOP1_GRADIENTS:
@@ -84,6 +101,7 @@ class UniBiFFN(nn.Module):
         self.top1_gradient = top1_gradient
         self.reset_router(router_init, router_std, prior_expert0)
         self.routing = routing
+        self.confidence = check_confidence(confidence)
         # the last forward's router probabilities (B, T, E) and chosen experts (B, T); read by the
         # load-balancing loss and by RouterStats, cleared with clear_routing_record()
         self.last_probs_BTE: torch.Tensor | None = None
@@ -133,6 +151,8 @@ class UniBiFFN(nn.Module):
         if mode == "soft":
             out0, out1 = self.experts[0](x_BTD), self.experts[1](x_BTD)
             return probs_BTE[..., :1].to(dtype) * out0 + probs_BTE[..., 1:].to(dtype) * out1
+        if mode == "confident":
+            return self._confident(x_BTD, probs_BTE)
         # top1
         if not (torch.is_grad_enabled() and self.router.weight.requires_grad):
             return self._dispatch(x_BTD, choice_BT, probs_BTE)
@@ -144,6 +164,20 @@ class UniBiFFN(nn.Module):
             weights_BTE = hard_BTE * probs_BTE
         out0, out1 = self.experts[0](x_BTD), self.experts[1](x_BTD)
         return weights_BTE[..., :1].to(dtype) * out0 + weights_BTE[..., 1:].to(dtype) * out1
+
+    def _confident(self, x_BTD: torch.Tensor, probs_BTE: torch.Tensor) -> torch.Tensor:
+        """The soft mixture where p1 > confidence, exactly expert 0 elsewhere (expert 1 runs on sure tokens only)."""
+        sure_BT = probs_BTE[..., 1] > self.confidence
+        self.last_choice_BT = sure_BT.long()
+        out_BTD = self.experts[0](x_BTD)
+        if not bool(sure_BT.any()):
+            return out_BTD
+        if bool(sure_BT.all()):  # every token sure: the soft mixture, computed as soft computes it
+            p_BTE = probs_BTE.to(x_BTD.dtype)
+            return p_BTE[..., :1] * out_BTD + p_BTE[..., 1:] * self.experts[1](x_BTD)
+        x_ND, p_NE = x_BTD[sure_BT], probs_BTE[sure_BT].to(x_BTD.dtype)
+        mixed_ND = p_NE[:, :1] * out_BTD[sure_BT] + p_NE[:, 1:] * self.experts[1](x_ND)
+        return out_BTD.index_put((sure_BT,), mixed_ND)
 
     def _dispatch(self, x_BTD: torch.Tensor, choice_BT: torch.Tensor, probs_BTE: torch.Tensor) -> torch.Tensor:
         """Top-1 without a router gradient: run each expert only on its own tokens."""

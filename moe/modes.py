@@ -1,7 +1,7 @@
 """Generation and embedding modes of a UBMoE model: attention direction plus the routing used in each.
 
 ``generate`` runs causal attention with ``mode_routing["generate"]`` (default ``soft``; ``forced0``
-reproduces the original model exactly); ``embed`` runs bidirectional attention with
+reproduces the original model exactly; ``confident`` stays on expert 0 unless the router is sure); ``embed`` runs bidirectional attention with
 ``mode_routing["embed"]`` (default ``forced1``: the bidirectionally fine-tuned FFNs).
 
 >>> from bidirlm_pl import moe  # doctest: +SKIP
@@ -19,8 +19,18 @@ from torch import nn
 from bidirlm_pl.backbone import attention
 from bidirlm_pl.backbone.load import load_backbone, resolve_model_path
 from bidirlm_pl.core.errors import BidirLMError
-from bidirlm_pl.moe.convert import ATTENTION_MODES, _record, load_ubmoe, set_routing, spec_of, ubmoe_record
-from bidirlm_pl.moe.ffn import ROUTING_MODES, check_routing
+from bidirlm_pl.moe.convert import (
+    ATTENTION_MODES,
+    _record,
+    load_ubmoe,
+    set_confidence,
+    set_routing,
+    spec_of,
+    ubmoe_record,
+)
+from bidirlm_pl.moe.ffn import ROUTING_MODES, check_confidence, check_routing
+
+CONFIDENT = "confident"
 
 
 def _check_mode(mode: str) -> str:
@@ -62,11 +72,30 @@ def mode(model: nn.Module, name: str):
 
 
 def split_routing(path: str) -> tuple[str, str | None]:
-    """``FOLDER@ROUTING`` -> (FOLDER, ROUTING): a UBMoE folder evaluated with one routing in every mode."""
+    """``FOLDER@ROUTING`` -> (FOLDER, ROUTING): a UBMoE folder evaluated with one routing in every mode.
+
+    ``FOLDER@confident`` (the folder's recorded threshold) and ``FOLDER@confident=0.95`` set the generate mode's
+    routing only: embeddings keep the embed routing. A bad threshold is a one-line error here.
+    """
     folder, at, routing = str(path).rpartition("@")
     if at and routing in ROUTING_MODES:
         return folder, routing
+    if at and routing.startswith(f"{CONFIDENT}="):
+        check_confidence(routing.partition("=")[2])
+        return folder, routing
     return str(path), None
+
+
+def apply_routing(model: nn.Module, routing: str) -> nn.Module:
+    """A ``FOLDER@ROUTING`` suffix applied to a loaded UBMoE model (see :func:`split_routing`)."""
+    name, _, threshold = routing.partition("=")
+    if name == CONFIDENT:
+        if threshold:
+            set_confidence(model, check_confidence(threshold))
+        return set_mode_routing(model, "generate", CONFIDENT)
+    for mode_name in ATTENTION_MODES:
+        set_mode_routing(model, mode_name, routing)
+    return model
 
 
 def load_any(path: str, *, attn_implementation: str = "sdpa"):
@@ -77,8 +106,7 @@ def load_any(path: str, *, attn_implementation: str = "sdpa"):
     if ubmoe_record(folder) is not None:
         model, tokenizer = load_ubmoe(folder, attn_implementation=attn_implementation)
         if routing is not None:  # e.g. @forced1: the naive bidirectional FFN fine-tune, @forced0: the original
-            for name in ("generate", "embed"):
-                set_mode_routing(model, name, routing)
+            apply_routing(model, routing)
         return model, tokenizer
     if routing is not None:
         raise BidirLMError(f"'{path}@{routing}': a routing applies to UBMoE folders only, and '{path}' is plain")

@@ -9,7 +9,8 @@
   original model with its FFNs fine-tuned.
 * :class:`UBMoEStage2` — only the routers train, causal attention, next-token loss on text, with
   ``soft`` or ``top1`` routing (both pass a gradient to the router), plus an optional
-  load-balancing loss.
+  load-balancing loss; ``generate_routing`` / ``confidence`` choose what the exported folder generates with
+  (e.g. ``confident`` at 0.9: expert 0 unless the router is sure).
 
 Both export a UBMoE folder (``config.json`` records the MoE; reload with ``bidirlm_pl.moe.load_ubmoe``).
 
@@ -33,11 +34,13 @@ from bidirlm_pl.moe.convert import (
     UBMoESpec,
     convert_to_ubmoe,
     load_ubmoe,
+    set_confidence,
     set_routing,
     ubmoe_ffns,
     ubmoe_record,
 )
-from bidirlm_pl.moe.ffn import check_routing, load_balancing_loss
+from bidirlm_pl.moe.ffn import check_confidence, check_routing, load_balancing_loss
+from bidirlm_pl.moe.modes import set_mode_routing
 from bidirlm_pl.stages.base import BackboneStage, default_optimizer
 from bidirlm_pl.stages.contrastive import ContrastiveCore, ContrastiveOutput
 
@@ -191,6 +194,10 @@ class UBMoEStage2(_UBMoEStage):
             (0 = off): a prior pulling every router toward expert 0, the original FFN.
         loss_chunk_size: positions projected through the output layer at once (logits recomputed in
             backward): the loss never holds full-vocabulary logits for the whole batch.
+        generate_routing: the routing the exported folder generates with (``mode_routing["generate"]``; null
+            keeps the stage-1 folder's, ``soft``). ``confident``: expert 0 unless expert 1's probability exceeds
+            ``confidence``, where the token takes the soft mixture.
+        confidence: the ``confident`` threshold recorded in the folder (null keeps the folder's, 0.9).
         Other arguments as :class:`BackboneStage`.
     """
 
@@ -207,8 +214,15 @@ class UBMoEStage2(_UBMoEStage):
         loss_chunk_size: int | None = 1024,
         optimizer: OptimizerCallable = default_optimizer,
         schedule: Schedule | None = None,
+        generate_routing: str | None = None,
+        confidence: float | None = None,
     ):
+        if routing == "confident":
+            raise BidirLMError("routing 'confident' is a generation rule over trained routers; train stage 2 with "
+                               "soft or top1 and set generate_routing: confident for the exported folder")
         super().__init__(backbone, ubmoe=None, routing=routing, optimizer=optimizer, schedule=schedule)
+        self.generate_routing = None if generate_routing is None else check_routing(generate_routing)
+        self.confidence = None if confidence is None else check_confidence(confidence)
         if self.folder_spec is None:
             raise BidirLMError(
                 f"stage 2 model '{self.model_path}' is not a UBMoE folder (run stage 1 first): with identical experts "
@@ -224,6 +238,14 @@ class UBMoEStage2(_UBMoEStage):
         self.kl_to_base = kl_to_base
         self.expert1_penalty = expert1_penalty
         self.loss_chunk_size = loss_chunk_size
+
+    def build_model(self):
+        model, tokenizer = super().build_model()
+        if self.confidence is not None:
+            set_confidence(model, self.confidence)
+        if self.generate_routing is not None:
+            set_mode_routing(model, "generate", self.generate_routing)
+        return model, tokenizer
 
     def base_hidden_states(self, batch: dict) -> torch.Tensor:
         """Hidden states of the base model (expert 0 in every layer), without gradient."""

@@ -135,14 +135,14 @@ def test_no_placeholder_paths_in_configs():
 def _sources(printed: dict) -> list[dict]:
     args = printed["data"]["init_args"]
     found = list(args.get("sources") or []) + ([args["source"]] if args.get("source") else [])
-    media = ("image_captions", "audio_captions")  # local files: no hub reader for captioned media yet
+    media = ("image_captions", "audio_captions")  # local caption files (the hub kinds are hf_*_captions)
     return [s.get("pair") or s for s in found if s.get("kind") not in media]
 
 
 @pytest.mark.parametrize("run", GPU_RUNS, ids=_run_id)
 def test_gpu_config_names_hub_models_and_datasets(run, capsys):
     """A GPU config runs as given where there is network: a hub model (or an earlier stage's export under
-    runs/) and training data from hub datasets (the omni stage's image/audio captions excepted)."""
+    runs/) and training data from hub datasets (image and audio captions included)."""
     from bidirlm_pl.core.hub import split_hub_id
 
     printed = _print_config(run, capsys)

@@ -13,6 +13,10 @@ Sources (``kind``):
   e.g. Lee first/second halves;
 * ``image_captions`` / ``audio_captions``: JSONL rows ``{"image": path, "caption": text}`` or
   ``{"audio": path.wav, "caption": text}`` (paths relative to the file; WAV read with scipy, mono, 16 kHz);
+* ``hf_image_captions`` / ``hf_audio_captions``: a ``datasets`` split (hub id or local folder) with an
+  ``Image`` / ``Audio`` column and a caption column (one string, or a list of which one is taken per row),
+  decoded lazily into the same rows as the JSONL kinds (audio resampled to 16 kHz mono):
+  :mod:`bidirlm_pl.data.omni_hub`;
 * ``shapes`` / ``tones``: generated offline, every combination once (12 shapes: 4 colours x square,
   circle, stripe; 15 tones: 5 pitches x 3 lengths): a coloured shape on a grey background captioned
   "a red circle"; a sine tone captioned "a high short tone". For smoke runs and tests, not for quality.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +41,13 @@ from bidirlm_pl.data.global_batches import (
     rank_rows,
     world_of,
 )
+from bidirlm_pl.data.omni_hub import HUB_KINDS, check_hub_source, hub_caption_rows, wav_samples
 from bidirlm_pl.data.pairs import PairSource, load_rows
 from bidirlm_pl.models.omni.inputs import AUDIO_RATE, OmniInputs
 
-KINDS = ("text", "image_captions", "audio_captions", "shapes", "tones")
-MODALITY = {"text": "text", "image_captions": "image", "shapes": "image", "audio_captions": "audio", "tones": "audio"}
+KINDS = ("text", "image_captions", "audio_captions", "shapes", "tones", *HUB_KINDS)
+MODALITY = {"text": "text", "image_captions": "image", "shapes": "image", "audio_captions": "audio", "tones": "audio",
+            **HUB_KINDS}
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "stripe")
 PITCHES = {"very low": 110.0, "low": 220.0, "middle": 440.0, "high": 880.0, "very high": 1760.0}
@@ -49,12 +56,34 @@ LENGTHS = {"short": 0.5, "medium": 1.0, "long": 1.5}
 
 @dataclass
 class OmniSource:
+    """One source of the omni pair stream; the ``hf_*`` fields are read by the hub kinds only.
+
+    Args:
+        dataset: hub id (``org/name``) or local dataset folder; ``revision`` pins a branch, tag or commit.
+        config: the dataset's configuration (subset); ``split`` its split.
+        image_field / audio_field: the ``Image`` / ``Audio`` column (default ``image`` / ``audio``).
+        caption_field: the caption column: a string, or a list of strings of which one is used per row,
+            the first (``caption_choice: first``) or a fixed draw per row from ``caption_seed`` (``seeded``).
+        streaming: stream the split and keep its first ``rows`` encoded rows in memory (else download it
+            and read rows from the memory-mapped cache).
+    """
+
     name: str
     kind: str
     weight: float = 1.0
     path: str | None = None
     rows: int = 64
     pair: dict = field(default_factory=dict)
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    image_field: str | None = None
+    audio_field: str | None = None
+    caption_field: str = "caption"
+    caption_choice: str = "first"
+    caption_seed: int = 0
+    streaming: bool = False
 
 
 def shape_image(colour: str, shape: str, size: int = 64) -> np.ndarray:
@@ -75,10 +104,7 @@ def tone(pitch: str, length: str) -> np.ndarray:
 
 
 def _read_wav(path: Path) -> np.ndarray:
-    from scipy.io import wavfile
-
-    rate, data = wavfile.read(path)
-    data = data.astype(np.float32) / (np.iinfo(data.dtype).max if np.issubdtype(data.dtype, np.integer) else 1.0)
+    data, rate = wav_samples(path)
     if data.ndim == 2:
         data = data.mean(1)
     if rate != AUDIO_RATE:
@@ -110,8 +136,8 @@ def _caption_rows(src: OmniSource, media: str) -> list[tuple]:
     return rows
 
 
-def load_source(src: OmniSource) -> list[tuple]:
-    """(query, caption/positive) rows of one source; media queries are arrays."""
+def load_source(src: OmniSource) -> Sequence[tuple]:
+    """(query, caption/positive) rows of one source; media queries are arrays (hub rows decode when indexed)."""
     if src.kind not in KINDS:
         raise BidirLMError(f"source '{src.name}' kind '{src.kind}' is not one of {list(KINDS)}")
     if src.kind == "text":
@@ -122,6 +148,8 @@ def load_source(src: OmniSource) -> list[tuple]:
         return [(shape_image(c, s), f"a {c} {s}") for c in COLOURS for s in SHAPES][:src.rows]
     if src.kind == "tones":
         return [(tone(p, n), f"a {p} {n} tone") for p in PITCHES for n in LENGTHS][:src.rows]
+    if src.kind in HUB_KINDS:
+        return hub_caption_rows(src)  # decoded when drawn
     return _caption_rows(src, "image" if src.kind == "image_captions" else "audio")
 
 
@@ -141,11 +169,14 @@ class _Batches(IterableDataset):
         index = 0
         while True:
             i = rng.choices(range(len(m.sources)), weights=weights)[0]
-            rows = rng.sample(m.rows[i], min(per_rank * world, len(m.rows[i])))
+            # the same draw as rng.sample(m.rows[i], k), but only this rank's rows are read (hub rows decode
+            # when indexed), and none for the draws a resumed stream skips
+            picked = rng.sample(range(len(m.rows[i])), min(per_rank * world, len(m.rows[i])))
             index += 1
             if index <= self.start:
                 continue  # resumed: these draws were trained on before the checkpoint
-            batch = m.collate(MODALITY[m.sources[i].kind], rows[rank_rows(len(rows), rank, world, per_rank)])
+            rows = [m.rows[i][j] for j in picked[rank_rows(len(picked), rank, world, per_rank)]]
+            batch = m.collate(MODALITY[m.sources[i].kind], rows)
             batch[STATE_KEY] = {"index": index, "signature": signature}
             yield batch
 
@@ -174,6 +205,7 @@ class OmniPairsData(ResumableStream, L.LightningDataModule):
                 raise BidirLMError(f"source '{src.name}' kind '{src.kind}' is not one of {list(KINDS)}")
             if not src.weight > 0:
                 raise BidirLMError(f"source '{src.name}' weight {src.weight} must be > 0")
+            check_hub_source(src)
         if batch_size < 2:
             raise BidirLMError(f"batch_size {batch_size} must be >= 2: InfoNCE needs in-batch negatives")
         self.tokenizer_name, self.batch_size, self.max_length, self.seed = tokenizer, batch_size, max_length, seed

@@ -22,6 +22,8 @@ Kinds (``kind="auto"`` infers one from ``path``):
   (``org/name`` or ``org/name@revision``): downloaded or streamed into the Hugging Face cache, or read from
   it with ``HF_HUB_OFFLINE=1`` (including a snapshot fetched with ``hf download --repo-type dataset``).
 * ``lee`` / ``lee_documents``: the Lee news corpus shipped in the gensim wheel (300 / 50 documents).
+* ``family``: the *training* passages of a built-in text family named by ``dataset`` (``kjv``, ``turkish-short``...;
+  :mod:`bidirlm_pl.core.assets.families`), disjoint from the held-out passages ``compare`` evaluates on.
 
 ``streaming: true`` (jsonl, parquet, hf) reads documents lazily; such a source only supports
 iteration, so the mixture resumes it by skipping the documents it has already consumed.
@@ -46,7 +48,7 @@ from bidirlm_pl.core import assets
 from bidirlm_pl.core.errors import BidirLMError, first_line
 from bidirlm_pl.core.hub import load_dataset
 
-KINDS = ("auto", "text", "jsonl", "parquet", "disk", "hf", "lee", "lee_documents")
+KINDS = ("auto", "text", "jsonl", "parquet", "disk", "hf", "lee", "lee_documents", "family")
 TEXT_UNITS = ("line", "paragraph", "file")
 _SUFFIX_KIND = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
@@ -57,9 +59,10 @@ class SourceSpec:
 
     Args:
         name: a short name used in logs (realised proportions) and errors.
-        kind: one of ``auto, text, jsonl, parquet, disk, hf, lee, lee_documents``.
+        kind: one of ``auto, text, jsonl, parquet, disk, hf, lee, lee_documents, family``.
         path: a file, folder or glob (text/jsonl/parquet/disk).
-        dataset: for ``kind: hf``, the first argument of ``datasets.load_dataset``.
+        dataset: for ``kind: hf``, the first argument of ``datasets.load_dataset``; for ``kind: family``, the
+            text family whose training passages to read.
         config: for ``kind: hf``, the dataset configuration name.
         data_files: for ``kind: hf``, ``data_files`` passed to ``load_dataset``.
         weight: sampling weight in the mixture (normalised over all sources; must be >= 0).
@@ -173,7 +176,7 @@ def _converter(spec: SourceSpec, tokenizer) -> Callable[[object, int], str]:
 # The fields each kind reads (besides name, kind, weight); any other field set away from its default
 # contradicts the kind, e.g. a command-line list merged item by item into a config's ``kind: lee``.
 KIND_FIELDS = {
-    "lee": set(), "lee_documents": set(),
+    "lee": set(), "lee_documents": set(), "family": {"dataset"},
     "text": {"path", "text_unit"},
     "jsonl": {"path", "text_field", "messages_field", "streaming"},
     "parquet": {"path", "text_field", "messages_field", "streaming"},
@@ -360,6 +363,10 @@ def open_source(spec: SourceSpec, tokenizer=None) -> TextSource:
     if kind in ("lee", "lee_documents"):
 
         return TextSource(spec, docs=assets.lee_background() if kind == "lee" else assets.lee_documents())
+    if kind == "family":
+        if spec.dataset is None:
+            raise BidirLMError(f"source '{spec.name}' (kind family) needs 'dataset', one of {assets.families_hint()}")
+        return TextSource(spec, docs=list(assets.family_passages(spec.dataset, "train")))
     if kind == "text":
         files = _files(spec, kind)
         return TextSource(spec, docs=[d for f in files for d in _read_text_file(f, spec.text_unit)])
@@ -397,6 +404,8 @@ def describe_source(source: TextSource) -> str:
     kind = resolve_kind(spec)
     if kind in ("lee", "lee_documents"):
         where = "gensim " + ("lee_background.cor" if kind == "lee" else "lee.cor")
+    elif kind == "family":
+        where = f"text family {spec.dataset} (training passages: {assets.describe_family(spec.dataset)})"
     elif kind == "hf":
         where = f"dataset {spec.dataset}" + (f" ({spec.config})" if spec.config else "") + f", split {spec.split}"
     elif kind == "disk":

@@ -95,7 +95,9 @@ def markdown(results, suite) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += dims_table(results, suite)
     lines += finetune_notes(results, suite)
+    lines += finetune_groups_table(results, suite)
     lines += domain_table(results, suite)
+    lines += family_table(results, suite)
     for t in suite.tasks:
         if t.kind != "continuation":
             continue
@@ -148,6 +150,24 @@ def finetune_notes(results, suite) -> list[str]:
     return lines
 
 
+def finetune_groups_table(results, suite) -> list[str]:
+    """A finetune task tested on several sets (a source's ``test_configs``: UD POS per language): each set's test
+    metric of the best run, beside their mean (the main table's number)."""
+    lines = []
+    for t in suite.finetune_tasks:
+        tests = [(r, (r.results.get(t.name) or {}).get("test") or {}) for r in results]
+        groups = list(dict.fromkeys(k[:-len("/metric")] for _, test in tests for k in test if k.endswith("/metric")))
+        if not groups:
+            continue
+        lines += ["", f"{t.name}: the test metric of each test set (the best run's; their mean is in the table above):",
+                  "", "| model | " + " | ".join(groups) + " | mean |", "|---|" + "---:|" * (len(groups) + 1)]
+        for r, test in tests:
+            cells = [f"{test[g + '/metric']:.4f}" if g + "/metric" in test else "-" for g in groups]
+            mean = f"{test['metric']:.4f}" if "metric" in test else "-"
+            lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {mean} |")
+    return lines
+
+
 def domain_table(results, suite) -> list[str]:
     """Perplexity in / out of the training domain, each model beside the first one (the base, by convention).
 
@@ -173,6 +193,44 @@ def domain_table(results, suite) -> list[str]:
             value = mean(r, sides[d])
             cells.append("-" if value is None or ref[d] is None else f"{value:.2f} (x{value / ref[d]:.3f})")
         lines.append(f"| {r.name} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def domain_tasks(suite) -> list:
+    """The perplexity tasks that name a ``domain``, in-domain ones first."""
+    return [t for d in ("in", "out") for t in suite.tasks if t.kind == "perplexity" and t.domain == d]
+
+
+def family_ratios(results, suite) -> dict[str, dict[str, float]]:
+    """model -> ``domain`` perplexity task -> perplexity / the first model's (report.json ``family_ratios``)."""
+    if not results:
+        return {}
+    base = results[0]
+    ratios = {}
+    for r in results:
+        values = {t.name: (r.main(t), base.main(t)) for t in domain_tasks(suite)}
+        ratios[r.name] = {name: v / ref for name, (v, ref) in values.items() if v is not None and ref}
+    return ratios
+
+
+def family_table(results, suite) -> list[str]:
+    """Every ``domain`` perplexity task on its own (in domain first), each as a ratio to the first model, and
+    each model's worst out-of-domain ratio. Empty unless the suite has two or more ``domain: out`` tasks."""
+    tasks = domain_tasks(suite)
+    if sum(t.domain == "out" for t in tasks) < 2 or not results:
+        return []
+    ratios = family_ratios(results, suite)
+    head = [f"{t.name} ({t.domain})" for t in tasks]
+    intro = (f"Generation per text family: causal perplexity and its ratio to {results[0].name} (the worst "
+             "out-of-domain ratio last):")
+    lines = ["", intro, "", "| model | " + " | ".join(head) + " | worst out of domain |",
+             "|---|" + "---:|" * (len(tasks) + 1)]
+    for r in results:
+        mine = ratios[r.name]
+        cells = [f"{r.main(t):.2f} (x{mine[t.name]:.3f})" if t.name in mine else "-" for t in tasks]
+        out = [(mine[t.name], t.name) for t in tasks if t.domain == "out" and t.name in mine]
+        cells.append(f"x{max(out)[0]:.3f} ({max(out)[1]})" if out else "-")
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -245,7 +303,8 @@ def compare(paths: list[str], names: list[str] | None = None, *, attention: list
                                     "mean_finetune_score": r.mean_finetune_score(suite),
                                     "mean_embedding_score_by_dim": {d: r.mean_embedding_score(suite, d)
                                                                     for d in suite.dims or []}}
-                                 for r in results]}
+                                 for r in results],
+                      "family_ratios": family_ratios(results, suite)}
             (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             (staging / "report.md").write_text(table)
             for r in results:  # the harnesses' own outputs, beside the report

@@ -58,7 +58,13 @@ from bidirlm_pl.evaluation.dependence import dependence
 from bidirlm_pl.evaluation.embedding import Embedder, check_dims, model_embedder, spearman
 from bidirlm_pl.evaluation.generation import causal_perplexity, continuation, multiple_choice_accuracy
 from bidirlm_pl.evaluation.harness import run_lm_eval, run_mteb
-from bidirlm_pl.evaluation.task_data import FIELDS, builtin, builtin_names_for, read_jsonl
+from bidirlm_pl.evaluation.task_data import (
+    FIELDS,
+    builtin,
+    builtin_names_for,
+    builtin_names_shown,
+    read_jsonl,
+)
 from bidirlm_pl.evaluation.task_metrics import entity_counts, f1_from_counts, is_bio
 from bidirlm_pl.moe.convert import is_ubmoe, ubmoe_record
 from bidirlm_pl.moe.modes import load_any, mode, split_routing
@@ -140,7 +146,7 @@ class TaskSpec:
             self.data = builtin_names_for(self.kind)[0]
         if self.data and self.data not in builtin_names_for(self.kind):
             raise BidirLMError(f"{where}: built-in data '{self.data}' does not fit kind '{self.kind}'; "
-                               f"expected one of {builtin_names_for(self.kind)} or a JSONL 'path'")
+                               f"expected {builtin_names_shown(self.kind)}, or a JSONL 'path'")
         if self.limit is not None and self.limit < 2:
             raise BidirLMError(f"{where}: limit {self.limit} must be at least 2")
 

@@ -1,4 +1,5 @@
-"""Evaluation data: local JSONL files, or offline defaults shipped by the ``gensim`` wheel (the demo extra).
+"""Evaluation data: local JSONL files, or offline defaults shipped by packages (gensim of the demo extra, the text
+families' packages of the tasks extra).
 
 Each task kind reads one record shape (one JSON object per line):
 
@@ -6,7 +7,12 @@ Each task kind reads one record shape (one JSON object per line):
 kind               record                                           built-in data (offline)
 =================  ===============================================  ==========================================
 perplexity         ``{"text": str}``                                ``lee``: the 50 rated Lee news documents;
-                                                                    ``wiki``: 96 English Wikipedia leads
+                                                                    ``wiki``: 96 English Wikipedia leads;
+                                                                    the held-out passages of a text family
+                                                                    (``kjv``, ``spanish-bible``, ``turkish``,
+                                                                    ``japanese``, ``chinese``, ``python-code``,
+                                                                    each also ``NAME-short``: one verse,
+                                                                    sentence or code block a passage)
 dependence         ``{"text": str}``                                ``lee``
 multiple_choice    ``{"context": str, "choices": [str], "answer": int}``  ``capitals``: "Athens is the capital of" -> Greece
 sts                ``{"text1": str, "text2": str, "score": float}``  ``lee-sts``: 1,225 Lee pairs, human ratings
@@ -14,6 +20,9 @@ retrieval          ``{"query": str, "document": str}``              ``newsgroup-
 classification     ``{"text": str, "label": str|int}``              ``polarity`` (200 film reviews), ``newsgroups``
 clustering         ``{"text": str, "label": str|int}``              ``newsgroups``: 200 posts, atheism vs space
 =================  ===============================================  ==========================================
+
+The text families (:mod:`bidirlm_pl.core.assets.families`: sources, licences, the held-out rule) hold out
+whole documents; their other documents are training text (the ``family`` source kind), never evaluated.
 
 Retrieval lines with the same query are one query with several relevant documents; the corpus is
 every distinct document. Nothing here downloads. The newsgroup posts come from gensim's
@@ -82,13 +91,23 @@ def builtin(name: str) -> list[dict]:
     """Records of a built-in data set (see the table above)."""
     makers = {"lee": _lee, "wiki": _wiki, "lee-sts": _lee_sts, "newsgroups": _newsgroups,
               "newsgroup-subjects": _newsgroup_subjects, "polarity": _polarity, "capitals": _capitals}
+    if name in assets.family_names():
+        return [{"text": t} for t in assets.family_passages(name, "held_out")]
     if name not in makers:
-        raise BidirLMError(f"unknown built-in evaluation data '{name}'; expected one of {sorted(makers)}")
+        raise BidirLMError(f"unknown built-in evaluation data '{name}'; expected one of {sorted(makers)} "
+                           "or a text family (docs/evaluation.md)")
     return makers[name]()
 
 
+def builtin_names_shown(kind: str) -> str:
+    """The built-in data names of ``kind`` in a few words, for one-line errors."""
+    if kind == "perplexity":
+        return f"lee, wiki or a family: {assets.families_hint()}"
+    return ", ".join(builtin_names_for(kind))
+
+
 def builtin_names_for(kind: str) -> list[str]:
-    return {"perplexity": ["lee", "wiki"], "dependence": ["lee"], "multiple_choice": ["capitals"], "sts": ["lee-sts"],
+    return {"perplexity": ["lee", "wiki", *assets.family_names()], "dependence": ["lee"], "multiple_choice": ["capitals"], "sts": ["lee-sts"],
             "retrieval": ["newsgroup-subjects"], "classification": ["polarity", "newsgroups"],
             "clustering": ["newsgroups"]}[kind]
 
