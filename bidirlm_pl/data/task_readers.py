@@ -3,9 +3,11 @@
 Each reader returns plain example dicts, one shape per task (``_where`` names the file and line, or the
 dataset row, for one-line errors):
 
-* ``sequence`` / ``regression``: ``{"text", "label"}``; ``pair``: ``{"text", "text_pair", "label"}``;
+* ``sequence`` / ``regression``: ``{"text", "label"}``; ``pair``: ``{"text", "text_pair", "label"}`` (and a
+  regression pair, when ``fields`` maps ``text_pair``);
 * ``token``: ``{"words", "spaces", "tags"}`` (``spaces[i]``: a space follows word i in the raw text);
-* ``qa``: ``{"question", "context", "answers": [{"text", "start"}]}`` (SQuAD: the first answer trains).
+* ``qa``: ``{"question", "context", "answers": [{"text", "start"}]}`` (SQuAD: the first answer trains);
+* with ``test_configs``, each test example's ``_group`` names the configuration it was read from.
 
 Built-in sets (offline, from PyPI packages of the ``tasks`` extra and gensim of ``demo``):
 
@@ -33,12 +35,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from bidirlm_pl.core.errors import BidirLMError, MissingExtraError, require
 from bidirlm_pl.core.hub import load_dataset
 from bidirlm_pl.data.sources import scan_jsonl
+from bidirlm_pl.data.task_derive import check_derivation, check_keys, derived_label, missing_column, passes
 
 SPLITS = ("train", "validation", "test")
 BUILTIN_TASKS = {"turkish_pos": "token", "japanese_ner": "token", "chinese_pos": "token",
@@ -69,6 +73,18 @@ class TaskSource:
             Chinese or Japanese words; CoNLL-U follows its ``SpaceAfter=No`` marks instead.
         token_column, tag_column: ``kind: conll``: the whitespace-separated columns of the word and its tag.
         tag_field: ``kind: conllu``: ``upos`` (column 4) or ``xpos`` (column 5).
+        test_configs: ``kind: hf``: test on the test split (``splits.test``) of each of these dataset configurations
+            instead of ``config``'s, each scored on its own and reported with their mean (UD POS trained on
+            ``udpos.English``, tested zero-shot on ``[udpos.German, udpos.French, ...]``); train and validation
+            stay ``config``'s.
+        filters: keep the rows whose columns meet these conditions: ``{column: value}``, ``{column: [values]}`` or
+            ``{column: {length: N}}`` (a list of N items) (``data/task_derive.py``).
+        label_fields, label_reduce: derive the label from these columns instead of ``fields.label``: ``mean`` of
+            their values (regression; booleans and yes/no count 1/0) or ``all`` (``"1"`` when every value is true,
+            else ``"0"``; sequence and pair tasks). A list column counts item by item.
+        list_separator: what joins a text field that holds a list of strings (solution steps).
+
+    A regression source reads a text pair when ``fields`` maps ``text_pair`` (``tokenizer(text, text_pair)``).
     """
 
     kind: str = "hf"
@@ -82,9 +98,26 @@ class TaskSource:
     token_column: int = 0
     tag_column: int = -1
     tag_field: str = "upos"
+    test_configs: list[str] | None = None
+    filters: dict[str, Any] = field(default_factory=dict)
+    label_fields: list[str] | None = None
+    label_reduce: str = "mean"
+    list_separator: str = " "
 
     def field_name(self, key: str) -> str:
         return self.fields.get(key, key)
+
+    def keys(self, task: str) -> tuple[str, ...]:
+        """Our fields read for ``task``: no ``label`` with ``label_fields``; a regression pair's ``text_pair``."""
+        keys = [k for k in FIELDS[task] if not (k == "label" and self.label_fields is not None)]
+        if task == "regression" and "text_pair" in self.fields:
+            keys.insert(1, "text_pair")
+        return tuple(keys)
+
+    def column_options(self, task: str) -> dict[str, str]:
+        """Every column a row of ``task`` needs -> the option naming it (fields, the derived label's, the filters')."""
+        return ({self.field_name(k): f"fields.{k}" for k in self.keys(task)}
+                | {c: "label_fields" for c in self.label_fields or []} | {c: f"filters.{c}" for c in self.filters})
 
     def describe(self) -> str:
         return self.dataset or self.path or ", ".join((self.files or {}).values()) or self.kind
@@ -92,10 +125,20 @@ class TaskSource:
 
 @dataclass
 class ReadResult:
-    """Examples per split (a split missing here is carved from train), and the dataset's own class names."""
+    """Examples per split (a split missing here is carved from train), the dataset's own class names, and the
+    test sets scored apart (``test_configs``: each test example's ``_group`` names its configuration)."""
 
     splits: dict[str, list[dict]]
     label_names: list[str] | None = None
+    test_groups: list[str] | None = None
+
+
+def task_source(value: TaskSource | dict) -> TaskSource:
+    """A ``source:`` block as a :class:`TaskSource` (one line naming an unknown key)."""
+    if isinstance(value, TaskSource):
+        return value
+    check_keys(value, [f.name for f in fields(TaskSource)])
+    return TaskSource(**value)
 
 
 def check_source(source: TaskSource, task: str) -> None:
@@ -128,6 +171,7 @@ def check_source(source: TaskSource, task: str) -> None:
         unknown = sorted(set(source.splits) - set(SPLITS))
         if unknown:
             raise BidirLMError(f"source splits {unknown} are unknown; expected some of {list(SPLITS)}")
+    check_derivation(source, task, source.kind in ("conll", "conllu", *BUILTIN_TASKS))
 
 
 def read_task_source(source: TaskSource, task: str) -> ReadResult:
@@ -145,10 +189,9 @@ def read_task_source(source: TaskSource, task: str) -> ReadResult:
 
 # ------------------------------------------------------------------ records -> examples
 
-def _missing(where: str, key: str, source: TaskSource, present) -> BidirLMError:
-    name = source.field_name(key)
-    shown = str(sorted(present))
-    return BidirLMError(f"{where}: no field '{name}' (fields.{key}); it has {shown if len(shown) < 70 else shown[:66] + ' ...'}")
+def _text(value, source: TaskSource) -> str:
+    """A text field: a list of strings (solution steps) joined by ``list_separator``."""
+    return source.list_separator.join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def example_from_record(record: dict, task: str, source: TaskSource, where: str, class_names=None) -> dict:
@@ -156,10 +199,10 @@ def example_from_record(record: dict, task: str, source: TaskSource, where: str,
     if not isinstance(record, dict):
         raise BidirLMError(f"{where}: a record is a JSON object, not {type(record).__name__}")
     values = {}
-    for key in FIELDS[task]:
+    for key in source.keys(task):
         name = source.field_name(key)
         if name not in record:
-            raise _missing(where, key, source, record)
+            raise missing_column(where, name, f"fields.{key}", record)
         values[key] = record[name]
     if task == "token":
         words, tags = values["tokens"], values["tags"]
@@ -170,15 +213,18 @@ def example_from_record(record: dict, task: str, source: TaskSource, where: str,
         return {"words": [str(w) for w in words], "spaces": [source.word_separator == " "] * len(words),
                 "tags": [str(t) for t in tags], "_where": where}
     if task == "qa":
-        return {"question": str(values["question"]), "context": str(values["context"]),
+        return {"question": _text(values["question"], source), "context": _text(values["context"], source),
                 "answers": _answers(values["answers"], where), "_where": where}
-    label = values["label"]
+    if source.label_fields is not None:
+        label = derived_label(record, source.label_fields, source.label_reduce, where)
+    else:
+        label = values["label"]
     if task != "regression":
         label = class_names[label] if class_names is not None and isinstance(label, int) and \
             0 <= label < len(class_names) else str(label)
-    example = {"text": str(values["text"]), "label": label, "_where": where}
-    if task == "pair":
-        example["text_pair"] = str(values["text_pair"])
+    example = {"text": _text(values["text"], source), "label": label, "_where": where}
+    if "text_pair" in values:
+        example["text_pair"] = _text(values["text_pair"], source)
     return example
 
 
@@ -204,7 +250,11 @@ def _read_jsonl(source: TaskSource, task: str, path: str) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
-                examples.append(example_from_record(json.loads(line), task, source, f"{path}:{number}"))
+                record, where = json.loads(line), f"{path}:{number}"
+                if not source.filters or not isinstance(record, dict) or passes(record, source.filters, where):
+                    examples.append(example_from_record(record, task, source, where))
+    if source.filters and not examples:
+        raise BidirLMError(f"{path}: no record passes filters {source.filters}")
     return examples
 
 
@@ -290,18 +340,39 @@ def _read_hf(source: TaskSource, task: str) -> ReadResult:
     for ours, theirs in wanted.items():
         if theirs is None:
             continue
-        what = f"dataset '{source.dataset}' split '{theirs}'"
-        data = load_dataset(source.dataset, name=source.config, split=theirs, what=what)
-        for key in FIELDS[task]:
-            if source.field_name(key) not in data.column_names:
-                raise _missing(what, key, source, data.column_names)
-        key = {"token": "tags"}.get(task, "label")
-        if task != "qa":
-            names = names or _class_names(data.features.get(source.field_name(key)))
-        columns = [source.field_name(k) for k in FIELDS[task]]
-        data = data.select_columns(columns)
-        splits[ours] = [example_from_record(row, task, source, f"{what} row {i}", names) for i, row in enumerate(data)]
-    return ReadResult(splits, names)
+        grouped = ours == "test" and source.test_configs is not None
+        splits[ours] = []
+        for config in source.test_configs if grouped else [source.config]:
+            examples, found = _read_hf_split(source, task, config, theirs, names)
+            names = names or found
+            if grouped:
+                if not examples:
+                    raise BidirLMError(f"dataset '{source.dataset}' test config '{config}' split '{theirs}' has no "
+                                       "examples")
+                for example in examples:
+                    example["_group"] = config
+            splits[ours] += examples
+    groups = list(source.test_configs) if source.test_configs is not None else None
+    return ReadResult(splits, names, groups)
+
+
+def _read_hf_split(source: TaskSource, task: str, config: str | None, split: str, names) -> tuple[list[dict], list]:
+    """One split of one configuration: its examples and its ClassLabel names (ints map to this split's own)."""
+    what = f"dataset '{source.dataset}'" + (f" config '{config}'" if config else "") + f" split '{split}'"
+    data = load_dataset(source.dataset, name=config, split=split, what=what)
+    for column, option in source.column_options(task).items():
+        if column not in data.column_names:
+            raise missing_column(what, column, option, data.column_names)
+    key = {"token": "tags"}.get(task, "label")
+    own = None if task == "qa" or source.label_fields else _class_names(data.features.get(source.field_name(key)))
+    data = data.select_columns(list(source.column_options(task)))
+    rows = enumerate(data)
+    if source.filters:
+        rows = [(i, row) for i, row in rows if passes(row, source.filters, f"{what} row {i}")]
+        if len(data) and not rows:
+            raise BidirLMError(f"{what}: no row passes filters {source.filters}")
+    examples = [example_from_record(row, task, source, f"{what} row {i}", own or names) for i, row in rows]
+    return examples, own
 
 
 # ------------------------------------------------------------------ built-in sets

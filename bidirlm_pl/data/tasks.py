@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from bidirlm_pl.core.errors import BidirLMError
 from bidirlm_pl.data.splits import stratified_split
-from bidirlm_pl.data.task_readers import SPLITS, TaskSource, read_task_source
+from bidirlm_pl.data.task_readers import SPLITS, TaskSource, read_task_source, task_source
 from bidirlm_pl.data.tokenizer import load_tokenizer
 from bidirlm_pl.data.validation import rank_loader
 from bidirlm_pl.models.heads import TASKS, prepare_tokenizer
@@ -178,15 +178,22 @@ class LabelledTaskData(L.LightningDataModule):
         batch_size: examples per training batch (per process); ``eval_batch_size`` for validation and test.
         val_fraction, test_fraction: carved from train (seeded) for splits the source does not have.
         seed: split and shuffle seed.
-        max_train_examples, max_eval_examples: use a seeded sample of N examples of train / of validation and test.
+        max_train_examples, max_eval_examples: use a seeded sample of N examples of train / of validation and test
+            (of each test set, with the source's ``test_configs``).
+        balance_train: keep as many training examples of each class as the rarest class has (a seeded sample per
+            class, in the split's order; before ``max_train_examples``): MathShepherd's balanced training set.
+
+    With the source's ``test_configs``, ``test_groups`` names the test sets: test batches never mix two, and each
+    carries ``group`` (its index) so the stage scores every set on its own and reports their mean.
     """
 
     def __init__(self, source: TaskSource | dict, tokenizer: str | None = None, task: str | None = None,
                  labels: list[str] | None = None, max_length: int = 128, batch_size: int = 32,
                  eval_batch_size: int | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                 seed: int = 0, max_train_examples: int | None = None, max_eval_examples: int | None = None):
+                 seed: int = 0, max_train_examples: int | None = None, max_eval_examples: int | None = None,
+                 balance_train: bool = False):
         super().__init__()
-        self.source = TaskSource(**source) if isinstance(source, dict) else source
+        self.source = task_source(source)
         self.sources = [self.source]  # what every data module names (logs, model cards)
         if task is not None and task not in TASKS:
             raise BidirLMError(f"task '{task}' is not one of {list(TASKS)}")
@@ -203,8 +210,10 @@ class LabelledTaskData(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
+        self.balance_train = balance_train
         self.tokenizer = None
         self.label_names: list[str] | None = None
+        self.test_groups: list[str] | None = None
         self.examples: dict[str, list[dict]] = {}
         self.encoded: dict[str, list[dict]] = {}
 
@@ -230,10 +239,29 @@ class LabelledTaskData(L.LightningDataModule):
         return [examples[i] for i in rest], [examples[i] for i in carved]
 
     def _sample(self, examples: list[dict], limit: int | None) -> list[dict]:
-        """A seeded sample of ``limit`` examples, in their split's order (all of them without a limit)."""
+        """A seeded sample of ``limit`` examples, in their split's order (all of them without a limit); of each test
+        set's when the examples name their ``_group``."""
+        groups = list(dict.fromkeys(ex.get("_group") for ex in examples))
+        if len(groups) > 1:
+            return [ex for g in groups for ex in self._sample([e for e in examples if e.get("_group") == g], limit)]
         if not limit or len(examples) <= limit:
             return examples
         return [examples[i] for i in sorted(random.Random(self.seed).sample(range(len(examples)), limit))]
+
+    def _balance(self, examples: list[dict], task: str) -> list[dict]:
+        """As many examples of each class as the rarest class has (a seeded sample per class, in their order)."""
+        if task not in ("sequence", "pair"):
+            raise BidirLMError(f"balance_train balances classes; task '{task}' has none")
+        by_label: dict[str, list[int]] = {}
+        for i, ex in enumerate(examples):
+            by_label.setdefault(ex["label"], []).append(i)
+        if len(by_label) < 2:
+            raise BidirLMError(f"balance_train: the training split has one class only ({sorted(by_label)})")
+        n, rng = min(len(v) for v in by_label.values()), random.Random(self.seed)
+        kept = sorted(i for label in sorted(by_label) for i in rng.sample(by_label[label], n))
+        rank_zero_info(f"balance_train: {n} training examples of each of {len(by_label)} classes "
+                       f"(of {len(examples)})")
+        return [examples[i] for i in kept]
 
     def read(self) -> dict[str, list[dict]]:
         """Every split's examples, checked (one line for the first bad one), and ``label_names`` resolved."""
@@ -250,8 +278,11 @@ class LabelledTaskData(L.LightningDataModule):
             if split not in splits and "train" in splits:
                 fraction = self.val_fraction if split == "validation" else self.test_fraction
                 splits["train"], splits[split] = self._carve(splits["train"], fraction, task)
+        if self.balance_train and splits.get("train"):
+            splits["train"] = self._balance(splits["train"], task)
         limits = {"train": self.max_train_examples, "validation": self.max_eval_examples, "test": self.max_eval_examples}
         splits = {s: self._sample(splits.get(s, []), limits[s]) for s in SPLITS}
+        self.test_groups = result.test_groups
         explicit = self.labels if self.labels is not None else self._from_stage("labels")
         self.label_names = resolve_labels(splits, task, explicit, result.label_names)
         for split in SPLITS:
@@ -284,7 +315,12 @@ class LabelledTaskData(L.LightningDataModule):
         self.tokenizer = self.tokenizer or self.load_tokenizer()
         task = self.resolve_task()
         self.encoded = {split: self.encode(examples, task, split) for split, examples in self.examples.items()}
+        if self.test_groups:
+            index = {name: i for i, name in enumerate(self.test_groups)}
+            for row, ex in zip(self.encoded["test"], self.examples["test"]):
+                row["group"] = index[ex["_group"]]
         sizes = ", ".join(f"{split} {len(rows)}" for split, rows in self.encoded.items())
+        sizes += f" ({len(self.test_groups)} test sets)" if self.test_groups else ""
         labels = f", {len(self.label_names)} labels" if self.label_names else ""
         rank_zero_info(f"labelled task data: {task} from {self.source.kind} '{self.source.describe()}': {sizes}"
                        f" examples{labels}")
@@ -309,7 +345,7 @@ class LabelledTaskData(L.LightningDataModule):
         index = {name: i for i, name in enumerate(self.label_names or [])}
         rows = []
         for ex in examples:
-            pair = (ex["text"], ex["text_pair"]) if task == "pair" else (ex["text"],)
+            pair = (ex["text"], ex["text_pair"]) if "text_pair" in ex else (ex["text"],)
             ids = tok(*pair, truncation=True, max_length=n)["input_ids"]
             rows.append({"input_ids": list(ids), "label": ex["label"] if task == "regression" else index[ex["label"]]})
         return rows
@@ -335,6 +371,8 @@ class LabelledTaskData(L.LightningDataModule):
         else:
             dtype = torch.float32 if isinstance(first["label"], float) else torch.long
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=dtype)
+        if "group" in first:
+            batch["group"] = first["group"]  # one test set per batch (_eval_loader)
         return batch
 
     def train_dataloader(self):
@@ -343,10 +381,13 @@ class LabelledTaskData(L.LightningDataModule):
         return DataLoader(rows, batch_size=self.batch_size, shuffle=True, generator=generator, collate_fn=self.collate)
 
     def _eval_loader(self, split: str):
+        """Batches by length (less padding, same scores), one test set at a time."""
         rows = self.encoded[split]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # less padding, same scores
+        groups: dict[int, list[dict]] = {}
+        for i in sorted(range(len(rows)), key=lambda i: (rows[i].get("group", 0), len(rows[i]["input_ids"]))):
+            groups.setdefault(rows[i].get("group", 0), []).append(rows[i])
         size = self.eval_batch_size
-        batches = [[rows[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
+        batches = [items[k:k + size] for items in groups.values() for k in range(0, len(items), size)]
         return rank_loader(batches, self, collate=self.collate)
 
     def val_dataloader(self):

@@ -96,6 +96,18 @@ def entity_counts(gold: list[list[str]], predicted: list[list[str]], mode: str =
     return tp, n_pred, n_gold
 
 
+def group_means(per_group: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Scores of several test sets scored apart (UD POS per language): each metric's mean over the sets, then every
+    set's own values under ``<set>/<metric>``.
+
+    >>> group_means({"de": {"accuracy": 0.8}, "fr": {"accuracy": 0.6}})
+    {'accuracy': 0.7, 'de/accuracy': 0.8, 'fr/accuracy': 0.6}
+    """
+    names = list(next(iter(per_group.values()), {}))
+    means = {k: sum(values[k] for values in per_group.values()) / len(per_group) for k in names}
+    return means | {f"{group}/{k}": v for group, values in per_group.items() for k, v in values.items()}
+
+
 def f1_from_counts(tp: float, n_pred: float, n_gold: float) -> float:
     """Micro F1 = 2 tp / (predicted + gold); 0 when there is nothing (seqeval's zero_division)."""
     return 2 * tp / (n_pred + n_gold) if n_pred + n_gold else 0.0

@@ -232,12 +232,14 @@ def prepare_tokenizer(tokenizer, task: str, max_length: int | None = None):
 
     ``pair`` and ``qa`` encode ``tokenizer(text, text_pair)`` exactly as transformers' pipelines do; decoder
     tokenizers whose pair template puts nothing between the texts (Qwen3's, our tiny ones) get one: the EOS token
-    (BOS where EOS is the pad token). ``max_length`` becomes ``model_max_length`` so pipelines truncate as training
-    did. Deterministic: the data module and the stage's export apply it to their own copies alike.
+    (BOS where EOS is the pad token). ``regression`` gets it too when the tokenizer is fast (a regression source may
+    read a text pair: Seahorse's article and summary; one text encodes as before). ``max_length`` becomes
+    ``model_max_length`` so pipelines truncate as training did. Deterministic: the data module and the stage's
+    export apply it to their own copies alike.
     """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if task in ("pair", "qa"):
+    if task in ("pair", "qa") or (task == "regression" and getattr(tokenizer, "is_fast", False)):
         ensure_pair_separator(tokenizer)
     if max_length is not None:
         tokenizer.model_max_length = int(max_length)

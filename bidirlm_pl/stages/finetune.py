@@ -13,7 +13,8 @@ Defaults follow BidirLM App. D: bidirectional attention, AdamW (betas 0.9/0.95, 
 accuracy and macro-F1, Spearman and Pearson; entity F1 of BIO tags; SQuAD exact match and F1) as ``val/<name>``,
 and ``val/metric`` for the one named by ``metric``. At the end of the fit the best checkpoint of the config's
 ``ModelCheckpoint(monitor=...)`` is restored, the test split is scored (``test/<name>``, printed, written to
-``bidirlm_task.json``) and the export carries those weights.
+``bidirlm_task.json``) and the export carries those weights. Several test sets (the data's ``test_configs``) are
+scored apart: ``test/<set>/<name>`` each, and ``test/<name>`` their mean.
 
 Convergence: every validation also logs ``val/best_metric`` and ``val/steps_to_target``, the first step whose
 ``metric`` reached ``target_fraction`` (93%) of the best so far; the history is written to
@@ -53,6 +54,7 @@ from bidirlm_pl.data.validation import is_padding
 from bidirlm_pl.evaluation.task_metrics import (
     entity_counts,
     f1_from_counts,
+    group_means,
     is_bio,
     squad_exact_match,
     squad_f1,
@@ -172,6 +174,7 @@ class FinetuneStage(BackboneStage):
         self.max_answer_tokens = max_answer_tokens
         self.restore_best, self.test_after_fit = restore_best, test_after_fit
         self.label_names: list[str] | None = None
+        self.test_groups: list[str] = []  # the data's test sets scored apart (test_configs)
         self.metrics = None
         self.scores: dict[str, dict[str, float]] = {}
 
@@ -245,7 +248,9 @@ class FinetuneStage(BackboneStage):
             raise BidirLMError(f"metric entity_f1 needs BIO tags (O, B-X, I-X); labels are {self.label_names[:6]}")
         self.hparams["labels"] = self.label_names  # a checkpoint rebuilds the same head (bidirlm export)
         super().configure_model()
-        self.metrics = nn.ModuleDict({prefix: self._new_metrics() for prefix in ("val", "test")})
+        self.test_groups = list(getattr(self._datamodule(), "test_groups", None) or [])
+        prefixes = ("val", "test", *(f"test{i}" for i in range(len(self.test_groups))))
+        self.metrics = nn.ModuleDict({prefix: self._new_metrics() for prefix in prefixes})
 
     def apply_groups(self) -> dict[str, int]:
         """The ``trainable`` groups of the decoder, and the task head always (``[head]`` alone: a frozen decoder)."""
@@ -303,10 +308,11 @@ class FinetuneStage(BackboneStage):
 
     def _evaluate(self, batch: dict, prefix: str, log: bool = True) -> torch.Tensor:
         padding = is_padding(batch)  # a rank's filler batch (data/validation.py): computed, not counted
+        group = batch.pop("group", None)  # which test set (test_configs)
         out = self.forward_batch(batch)
         loss, count = self.loss(out, batch)
         if not padding:
-            self.update_metrics(self.metrics[prefix], out, batch)
+            self.update_metrics(self.metrics[prefix if group is None else f"{prefix}{group}"], out, batch)
         if log:
             weight = 0 if padding else max(1, int(count))
             self.log(f"{prefix}/loss", loss, batch_size=weight, sync_dist=True, prog_bar=prefix == "val")
@@ -355,6 +361,14 @@ class FinetuneStage(BackboneStage):
         values["metric"] = values.get(self.main_metric(), float("nan"))
         return values
 
+    def test_scores(self) -> dict[str, float]:
+        """The test metrics; with several test sets, each metric's mean over them and every set's own values
+        (``<set>/<metric>``)."""
+        if not self.test_groups:
+            return self.compute_metrics(self.metrics["test"])
+        return group_means({name: self.compute_metrics(self.metrics[f"test{i}"])
+                            for i, name in enumerate(self.test_groups)})
+
     def validation_step(self, batch, batch_idx):
         return self._evaluate(batch, "val")
 
@@ -386,7 +400,7 @@ class FinetuneStage(BackboneStage):
         self.history = list(checkpoint.get("convergence_history", []))  # a resumed run continues the history
 
     def on_test_epoch_end(self):
-        values = self.compute_metrics(self.metrics["test"])
+        values = self.test_scores()
         self.log_dict({f"test/{k}": v for k, v in values.items()})
         self.scores["test"] = values
 
@@ -430,7 +444,7 @@ class FinetuneStage(BackboneStage):
             for batch in loader:
                 batch = self.trainer.strategy.batch_to_device(batch) if self._trainer is not None else batch
                 self._evaluate(batch, "test", log=False)
-            return self.compute_metrics(self.metrics["test"])
+            return self.test_scores()
         finally:
             self.backbone.train(was_training)
 
