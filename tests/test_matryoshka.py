@@ -201,6 +201,7 @@ def test_fit_logs_each_size_and_the_export_loads_truncated_in_sentence_transform
     assert logged and all(np.isfinite(float(r["train/loss_dim16"])) for r in logged)
     assert json.loads((folder / "bidirlm_encoder.json").read_text())["matryoshka_dims"] == [8, 16, 64]
     assert "truncate_dim" not in json.loads((folder / "config_sentence_transformers.json").read_text())
+    assert "truncate_dim=8)" in (folder / "README.md").read_text()  # the card shows how to load a smaller size
     texts = ["A bushfire near Sydney.", "The cricket team won by six wickets.", "Rain in the west."]
     full = SentenceTransformer(str(folder), device="cpu").encode(texts)
     cut = SentenceTransformer(str(folder), device="cpu", truncate_dim=8).encode(texts)

@@ -77,6 +77,10 @@ def write_model_card(folder: Path, *, name: str, model: str, model_folder: Path 
         lines += ["from sentence_transformers import SentenceTransformer",
                   f'model = SentenceTransformer("{name}")  # or the folder path',
                   'embeddings = model.encode(["A sentence.", "Another one."])', ""]
+        sizes = _encoder_info(folder).get("matryoshka_dims")
+        if sizes:
+            lines += [f"# trained at Matryoshka sizes {sizes}: a smaller embedding is its first k dimensions",
+                      f'small = SentenceTransformer("{name}", truncate_dim={sizes[0]})', ""]
     lines += ["from transformers import AutoModel, AutoTokenizer",
               f'model = AutoModel.from_pretrained("{name}")  # bidirectional: config.is_causal is false',
               f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", ""]
@@ -91,6 +95,11 @@ TASK_NAMES = {"sequence": "sequence classification", "pair": "sequence-pair clas
 def _config(folder: Path) -> dict:
     """The folder's ``config.json`` ({} when there is none, as in a card written before the weights)."""
     path = Path(folder) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _encoder_info(folder: Path) -> dict:
+    path = Path(folder) / "bidirlm_encoder.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
