@@ -4,7 +4,7 @@ Random weights of a real config (no download), Lee text, the stage's own config 
 Throughput callback's tokens/s and MFU (after warm-up), and peak memory. The baseline is the config
 with the lever off, measured in the same process; the ratio is lever-on over lever-off.
 
-    # GPU (one H100): MNTP on Qwen3-0.6B, 4 x 4096 packed tokens, regional compile off vs on
+    # GPU (one H100): MNTP on Qwen3-0.6B, 2 x 8192 packed tokens (configs/mntp/gpu.yaml), regional compile off vs on
     python benchmarks/stage_throughput.py --config configs/mntp/gpu.yaml --config configs/mntp/qwen3-0.6b.yaml \
         --random-config qwen3-0.6b \
         --device cuda --lever compile --steps 30
